@@ -1,0 +1,212 @@
+"""`MageAttnBackend`: SGLang's FlashInfer backend plus MAGE's first-step selection and sparse later steps.
+
+Per DLLM_EXTEND forward, `init_forward_metadata` plans the phase once (index_cache.MageIndexCache.plan):
+- DENSE: FlashInfer exactly as SGLang runs it (mask-free prompt blocks, short prefixes).
+- FIRST: FlashInfer exact attention that also returns the LSE; from the same q, the paged K and that LSE the
+  selection op scores every prefix position per KV head, and the top set goes into the index cache.
+- SPARSE: the Triton kernel attends each block to its cached slots plus its own tokens.
+Other forward modes (none in dLLM serving) fall through to FlashInfer untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import torch
+from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend, _safe_merge_state
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from . import config as mage_config
+from .hooks import install_slot_free_listener
+from .index_cache import MageIndexCache, Phase, StepPlan
+from .ops.selection import block_mean_scores, select_topk
+from .ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
+from .selectors import VoteSelector
+
+logger = logging.getLogger("sglang_mage")
+
+# FlashInfer returns the log-sum-exp in base 2; the selection op takes natural logs.
+_LN2 = math.log(2.0)
+
+
+class MageAttnBackend(FlashInferAttnBackend):
+    def __init__(self, model_runner, *args, **kwargs):
+        super().__init__(model_runner, *args, **kwargs)
+        server_args = model_runner.server_args
+        cfg = getattr(server_args, "mage_config", None) or mage_config.resolve({})
+        if self.dllm_config is None:
+            raise RuntimeError(
+                "--attention-backend mage needs a block-diffusion model served with --dllm-algorithm"
+            )
+        kv_dtype = model_runner.kv_cache_dtype
+        if kv_dtype not in (torch.bfloat16, torch.float16):
+            raise RuntimeError(f"--attention-backend mage supports bf16/fp16 KV caches, not {kv_dtype}")
+        self.mage = cfg
+        self.block_size = self.dllm_config.block_size
+        self.mask_id = self.dllm_config.mask_id
+        mc = model_runner.model_config
+        tp = max(1, getattr(model_runner, "tp_size", 1))
+        self.num_kv_heads = mc.get_num_kv_heads(tp)
+        self.num_q_heads = mc.num_attention_heads // tp
+        self.num_layers = mc.num_hidden_layers
+        rows = model_runner.req_to_token_pool.req_to_token.shape[0]
+        self.index_cache = MageIndexCache(rows, self.num_layers, self.num_kv_heads, cfg, model_runner.device)
+        install_slot_free_listener(model_runner.req_to_token_pool, self.index_cache.invalidate)
+        # dLLM batches hold at most DllmConfig.max_running_requests requests (1 unless the user raises it).
+        max_reqs = max(1, int(self.dllm_config.max_running_requests))
+        group = self.num_q_heads // self.num_kv_heads
+        self.num_splits = default_num_splits(
+            max_reqs, self.num_kv_heads, group, self.block_size, cfg.max_selected, mc.head_dim
+        )
+        self.workspace = alloc_workspace(
+            max_reqs, self.num_kv_heads, self.block_size, group, mc.head_dim, self.num_splits, model_runner.device
+        )
+        self.vote = None
+        if cfg.selector == "vote":
+            self.vote = VoteSelector(cfg, self.num_layers, rows, model_runner.device)
+            install_slot_free_listener(model_runner.req_to_token_pool, self.vote.invalidate)
+        self.plan: StepPlan = StepPlan(Phase.DENSE, "not planned")
+        self._dump_dir = os.environ.get("SGLANG_MAGE_DUMP_DIR")
+        self._dumped = False
+        logger.info(
+            "sglang-mage: k=%d sink=%d local=%d selector=%s min_context=%d sparse_commit=%s; index cache %.1f MiB "
+            "(%d rows x %d layers x %d kv heads x %d)", cfg.k, cfg.sink_tokens, cfg.local_window, cfg.selector,
+            cfg.min_context, cfg.sparse_commit, self.index_cache.nbytes / 2**20, rows, self.num_layers,
+            self.num_kv_heads, cfg.max_selected,
+        )
+
+    # ---- per forward batch ------------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        if not forward_batch.forward_mode.is_dllm_extend():
+            self.plan = StepPlan(Phase.DENSE, "not a dLLM forward")
+            return super().init_forward_metadata(forward_batch)
+        slots = forward_batch.req_pool_indices.tolist()
+        prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
+        self.plan = self.index_cache.plan(
+            slots, prefix_lens, lambda: bool((forward_batch.input_ids == self.mask_id).any().item())
+        )
+        if self.plan.phase != Phase.SPARSE:
+            super().init_forward_metadata(forward_batch)
+        if self.plan.phase != Phase.DENSE:
+            self._build_block_metadata(forward_batch, prefix_lens)
+
+    def _build_block_metadata(self, forward_batch, prefix_lens: list[int]) -> None:
+        device = forward_batch.req_pool_indices.device
+        seq = forward_batch.extend_seq_lens
+        self.qo_indptr = torch.zeros(seq.shape[0] + 1, dtype=torch.int32, device=device)
+        torch.cumsum(seq, dim=0, out=self.qo_indptr[1:])
+        self.prefix_lens = forward_batch.extend_prefix_lens.to(torch.int32)
+        self.max_prefix = max(prefix_lens) if prefix_lens else 0
+
+    # ---- per layer --------------------------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        phase = self.plan.phase
+        if phase == Phase.DENSE:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
+        if phase == Phase.FIRST:
+            o, lse = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
+            self._select(q3, lse, layer, forward_batch)
+            return o.view(-1, layer.tp_q_head_num * layer.head_dim)
+        if save_kv_cache and k is not None:
+            self._write_kv(layer, forward_batch, k, v)
+        k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
+        out = torch.empty_like(q3) if layer.v_head_dim == layer.head_dim else q3.new_empty(
+            (q3.shape[0], layer.tp_q_head_num, layer.v_head_dim))
+        o = sparse_block_attention(
+            q3, k_buf, v_buf, self.qo_indptr, self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices, self.prefix_lens, sel_slots, sel_lens, layer.scaling,
+            self.block_size, out=out, workspace=self.workspace,
+        )
+        self.index_cache.stats.sparse_layer_calls += 1
+        self._maybe_dump(q3, k_buf, v_buf, sel_slots, sel_lens, o, layer, forward_batch)
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _write_kv(self, layer, forward_batch, k, v) -> None:
+        self.token_to_kv_pool.set_kv_buffer(
+            layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v, layer.k_scale, layer.v_scale
+        )
+
+    def _exact_with_lse(self, q3, k, v, layer, forward_batch, save_kv_cache):
+        """FlashInfer's exact bidirectional block attention, as SGLang's own forward_extend computes it, but
+        keeping the log-sum-exp of every query row over all its keys (prefix + block)."""
+        md = self.forward_metadata
+        paged = md.prefill_wrappers[self._get_wrapper_idx(layer)]
+        kv = dict(causal=False, sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap)
+        if not md.use_ragged:
+            if save_kv_cache and k is not None:
+                self._write_kv(layer, forward_batch, k, v)
+            o, lse = paged.forward_return_lse(q3, self.token_to_kv_pool.get_kv_buffer(layer.layer_id), **kv)
+        else:
+            if k is None:
+                k, v = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+            k3 = k.view(-1, layer.tp_k_head_num, layer.head_dim)
+            v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim)
+            o, lse = self.prefill_wrapper_ragged.forward_return_lse(q3, k3, v3, **kv)
+            if not md.extend_no_prefix:
+                o2, lse2 = paged.forward_return_lse(q3, self.token_to_kv_pool.get_kv_buffer(layer.layer_id), **kv)
+                o, lse = _safe_merge_state(o, lse, o2, lse2)
+            if save_kv_cache:
+                self._write_kv(layer, forward_batch, k, v)
+        return o, lse
+
+    def _select(self, q3, lse, layer, forward_batch) -> None:
+        if self.max_prefix == 0:
+            return
+        cfg = self.mage
+        k_buf, _ = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
+        req_to_token = self.req_to_token_pool.req_to_token
+        lse_nat = lse.float() * _LN2
+        if self.vote is not None:
+            self.vote.select(
+                layer.layer_id, q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices,
+                self.prefix_lens, lse_nat, layer.scaling, self.block_size, self.max_prefix, sel_slots, sel_lens,
+            )
+        else:
+            scores = block_mean_scores(
+                q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
+                lse_nat, layer.scaling, self.block_size, self.max_prefix,
+            )
+            select_topk(
+                scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
+                forward_batch.req_pool_indices, sel_slots, sel_lens,
+            )
+        self.index_cache.stats.select_layer_calls += 1
+
+    def _maybe_dump(self, q3, k_buf, v_buf, sel_slots, sel_lens, o, layer, forward_batch) -> None:
+        """With $SGLANG_MAGE_DUMP_DIR set, save the inputs and output of the first sparse call of layer 1 whose
+        prefix exceeds the budget, so a test can recompute it with the PyTorch reference. The KV rows are
+        saved compactly: only the slots that the batch's requests own."""
+        cfg = self.mage
+        if not self._dump_dir or self._dumped or layer.layer_id != min(1, self.num_layers - 1):
+            return
+        if self.max_prefix <= cfg.k + cfg.sink_tokens + cfg.local_window:
+            return
+        self._dumped = True
+        rows = forward_batch.req_pool_indices.long()
+        seq_lens = forward_batch.seq_lens.tolist()
+        r2t = self.req_to_token_pool.req_to_token[rows, : max(seq_lens)].long()
+        owned = torch.unique(torch.cat([r2t[i, :n] for i, n in enumerate(seq_lens)]))
+        remap = torch.full((k_buf.shape[0],), -1, dtype=torch.long, device=k_buf.device)
+        remap[owned] = torch.arange(owned.numel(), device=k_buf.device)
+        sel = sel_slots[rows].long()
+        sel_compact = torch.where(sel >= 0, remap[sel.clamp(0, k_buf.shape[0] - 1)], -1)
+        r2t_compact = torch.where(r2t >= 0, remap[r2t.clamp(0, k_buf.shape[0] - 1)], -1)
+        os.makedirs(self._dump_dir, exist_ok=True)
+        torch.save(
+            {
+                "q": q3.cpu(), "k": k_buf[owned].cpu(), "v": v_buf[owned].cpu(), "out": o.cpu(),
+                "qo_indptr": self.qo_indptr.cpu(), "req_to_token": r2t_compact.int().cpu(),
+                "prefix_lens": self.prefix_lens.cpu(), "sel_slots": sel_compact.int().cpu(),
+                "sel_lens": sel_lens[rows].cpu(), "sm_scale": layer.scaling, "block_size": self.block_size,
+                "layer_id": layer.layer_id, "config": cfg.to_json(),
+            },
+            os.path.join(self._dump_dir, f"sparse_step_pid{os.getpid()}.pt"),
+        )
+        logger.info("sglang-mage: dumped one sparse step to %s", self._dump_dir)
+

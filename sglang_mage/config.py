@@ -1,0 +1,146 @@
+"""Every MAGE option: its default, its validation and its `--mage-*` server flag.
+
+Options reach the scheduler processes as an attribute of SGLang's `ServerArgs` (`server_args.mage_config`),
+which is set by the plugin's hooks from either the CLI flags or `sgl.Engine(mage_*=...)` keyword arguments.
+The environment variable `SGLANG_MAGE_CONFIG` (a JSON object with the same field names) is read as a base
+that flags and keyword arguments override; it is the fallback for launchers that build `ServerArgs` on
+their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+ENV_VAR = "SGLANG_MAGE_CONFIG"
+SELECTORS = ("mean", "vote")
+
+
+class MageConfigError(ValueError):
+    """An invalid MAGE option; the message names the flag and the accepted range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MageConfig:
+    # Top-k prefix positions kept per (layer, KV head), on top of the sink and local tokens.
+    k: int = 512
+    # The first tokens of the context, always kept (attention sinks).
+    sink_tokens: int = 16
+    # The most recent prefix tokens before the block, always kept.
+    local_window: int = 64
+    # `mean`: block-average attention probability per KV head (MAGE v2). `vote`: union of per-row top-k,
+    # ranked by votes, with the layer-adaptive budget (MAGE v1).
+    selector: str = "mean"
+    # Below this prefix length a request's attention stays exact at every step.
+    min_context: int = 2048
+    # Whether the commit pass (the forward after the last [MASK] is filled, which writes the final KV)
+    # uses the cached indices too. Off keeps the committed KV exactly what dense attention gives.
+    sparse_commit: bool = True
+    # `vote` only: per-layer budget floor and cap of the adaptive budget.
+    vote_min_k: int = 64
+    vote_max_k: int = 2048
+    # Testing: run every step after the first through the sparse kernel even when the cached set covers
+    # the whole prefix (so k >= context proves slot mapping and layout end to end).
+    force_sparse: bool = False
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, flag: str, msg: str, value: Any) -> None:
+            if not cond:
+                raise MageConfigError(f"--mage-{flag}: {msg} (got {value!r})")
+
+        for name in ("k", "sink_tokens", "local_window", "min_context", "vote_min_k", "vote_max_k"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool), _flag(name), "must be an integer", value)
+        need(1 <= self.k <= 65536, "k", "the budget must be in [1, 65536]", self.k)
+        need(0 <= self.sink_tokens <= 4096, "sink-tokens", "must be in [0, 4096]", self.sink_tokens)
+        need(0 <= self.local_window <= 65536, "local-window", "must be in [0, 65536]", self.local_window)
+        need(self.min_context >= 0, "min-context", "must be >= 0", self.min_context)
+        need(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}", self.selector)
+        need(1 <= self.vote_min_k <= self.vote_max_k, "vote-min-k", "must be in [1, --mage-vote-max-k]", self.vote_min_k)
+        need(self.vote_max_k <= 65536, "vote-max-k", "must be <= 65536", self.vote_max_k)
+        for name in ("sparse_commit", "force_sparse"):
+            need(isinstance(getattr(self, name), bool), _flag(name), "must be a boolean", getattr(self, name))
+
+    @property
+    def max_selected(self) -> int:
+        """Capacity of one (layer, KV head) row of the index cache: the largest set any selector keeps."""
+        topk = self.vote_max_k if self.selector == "vote" else self.k
+        return topk + self.sink_tokens + self.local_window
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "MageConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MageConfigError(f"unknown MAGE option(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_env(cls) -> dict[str, Any]:
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return {}
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise MageConfigError(f"{ENV_VAR} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise MageConfigError(f"{ENV_VAR} must hold a JSON object")
+        return values
+
+
+def _flag(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+KWARG_PREFIX = "mage_"
+
+
+def pop_engine_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove `mage_*` keyword arguments (as given to `sgl.Engine` / `ServerArgs`) and return them by field."""
+    return {key[len(KWARG_PREFIX):]: kwargs.pop(key) for key in list(kwargs) if key.startswith(KWARG_PREFIX)}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the `--mage-*` flags; idempotent (a parser that already has them is left alone)."""
+    if any(a.dest == "mage_k" for a in parser._actions):
+        return
+    d = MageConfig()
+    g = parser.add_argument_group("MAGE sparse attention (sglang-mage, with --attention-backend mage)")
+    g.add_argument("--mage-k", type=int, default=None, help=f"Top-k KV positions kept per layer and KV head (default {d.k}).")
+    g.add_argument("--mage-sink-tokens", type=int, default=None, help=f"First context tokens always kept (default {d.sink_tokens}).")
+    g.add_argument("--mage-local-window", type=int, default=None, help=f"Most recent prefix tokens always kept (default {d.local_window}).")
+    g.add_argument("--mage-selector", choices=SELECTORS, default=None,
+                   help="mean: block-average attention probability (MAGE v2); vote: union of per-row top-k ranked by "
+                        f"votes with the layer-adaptive budget (MAGE v1). Default {d.selector}.")
+    g.add_argument("--mage-min-context", type=int, default=None,
+                   help=f"Prefix length below which attention stays exact (default {d.min_context}).")
+    g.add_argument("--mage-sparse-commit", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"Use the cached indices for the commit pass too (default {d.sparse_commit}).")
+    g.add_argument("--mage-vote-min-k", type=int, default=None, help=f"vote: per-layer budget floor (default {d.vote_min_k}).")
+    g.add_argument("--mage-vote-max-k", type=int, default=None, help=f"vote: per-layer budget cap (default {d.vote_max_k}).")
+    g.add_argument("--mage-force-sparse", action="store_true", default=None,
+                   help="Testing: send every step after the first through the sparse kernel, even when exact.")
+
+
+def values_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
+    """The `--mage-*` values the user set on the command line (None means not given)."""
+    out = {}
+    for f in dataclasses.fields(MageConfig):
+        value = getattr(args, KWARG_PREFIX + f.name, None)
+        if value is not None:
+            out[f.name] = value
+    return out
+
+
+def resolve(explicit: Mapping[str, Any]) -> MageConfig:
+    """Environment base, overridden by explicit flags / keyword arguments; validated."""
+    values = MageConfig.from_env()
+    values.update(explicit)
+    return MageConfig.from_mapping(values)

@@ -1,0 +1,112 @@
+"""Every place where sglang-mage changes SGLang 0.5.14's behaviour, in one file.
+
+Each hook says why it exists, what upstream code it wraps, and when it can go. All are registered through
+`sglang.srt.plugins.hook_registry.HookRegistry` (no SGLang file is edited), except the per-instance
+`ReqToTokenPool.free` listener, which the backend installs on its own pool object only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from . import BACKEND_NAME, config
+
+logger = logging.getLogger("sglang_mage")
+
+# `--mage-*` values parsed by argparse, handed from `from_cli_args` to the `__init__` that it calls.
+_pending = threading.local()
+
+SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+
+
+def add_cli_args_after(result: Any, parser: Any, *args: Any, **kwargs: Any) -> None:
+    """Why: plugins have no API for server flags. Wraps `ServerArgs.add_cli_args` (static) so that
+    `launch_server --help` lists the `--mage-*` group. Remove when SGLang grows plugin arguments."""
+    config.add_cli_args(parser)
+
+
+def from_cli_args_around(original: Any, cls: Any, args: Any) -> Any:
+    """Why: `from_cli_args` keeps only dataclass fields. Wraps it to carry the `--mage-*` values into the
+    `ServerArgs.__init__` hook below."""
+    _pending.values = config.values_from_namespace(args)
+    try:
+        return original(cls, args)
+    finally:
+        _pending.values = None
+
+
+def server_args_init_around(original: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """Why: `sgl.Engine(**kwargs)` passes every keyword to `ServerArgs(...)`, which rejects unknown ones.
+    Wraps `ServerArgs.__init__`: removes `mage_*` keywords, runs SGLang's own init, then validates the
+    options and attaches them as `server_args.mage_config` (pickled with the object into the scheduler
+    processes). Also rejects `mage` without a dLLM algorithm, which would otherwise fail in a subprocess."""
+    values = config.pop_engine_kwargs(kwargs)
+    cli_values = getattr(_pending, "values", None)
+    if cli_values:
+        values = {**cli_values, **values}
+    original(self, *args, **kwargs)
+    uses_mage = getattr(self, "attention_backend", None) == BACKEND_NAME
+    if values and not uses_mage:
+        logger.warning("MAGE options %s are ignored: --attention-backend is not 'mage'", sorted(values))
+    self.mage_config = config.resolve(values) if (uses_mage or values) else None
+    if uses_mage and getattr(self, "dllm_algorithm", None) is None:
+        raise ValueError(
+            "--attention-backend mage serves block-diffusion models only: also pass --dllm-algorithm "
+            "(e.g. LowConfidence or JointThreshold)"
+        )
+
+
+def handle_dllm_inference_around(original: Any, self: Any) -> Any:
+    """Why: `ServerArgs._handle_dllm_inference` silently replaces any attention backend by flashinfer while
+    the decode CUDA graph is on. With `mage` selected we keep `mage` and turn that graph off, loudly.
+    Remove once mage captures its DLLM_EXTEND steps in CUDA graphs (the CUDA-graph issue)."""
+    if getattr(self, "attention_backend", None) == BACKEND_NAME and getattr(self, "dllm_algorithm", None):
+        from sglang.srt.model_executor.cuda_graph_config import Backend
+
+        graphs = getattr(self, "cuda_graph_config", None)
+        if graphs is not None and graphs.decode.backend != Backend.DISABLED:
+            logger.warning(
+                "sglang-mage: the dLLM decode CUDA graph is turned off for --attention-backend mage "
+                "(SGLang would otherwise replace mage by flashinfer); mage steps run eagerly"
+            )
+            graphs.decode.backend = Backend.DISABLED
+    return original(self)
+
+
+def register_server_args_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", add_cli_args_after, HookType.AFTER)
+    HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", from_cli_args_around, HookType.AROUND)
+    HookRegistry.register(f"{SERVER_ARGS}.__init__", server_args_init_around, HookType.AROUND)
+    HookRegistry.register(f"{SERVER_ARGS}._handle_dllm_inference", handle_dllm_inference_around, HookType.AROUND)
+
+
+def install_slot_free_listener(req_to_token_pool: Any, on_free: Any) -> None:
+    """Why: the index cache is keyed by the request's pool slot, and a finished or aborted request must not
+    leave indices that the slot's next owner could read. Every release path in SGLang 0.5.14 ends in
+    `ReqToTokenPool.free(req)` (`mem_cache/common.py::release_kv_cache`), so the backend wraps that method
+    on its own pool instance (not the class: other engines in the process are untouched). `clear()` (a
+    cache flush) drops every entry."""
+    if getattr(req_to_token_pool, "_mage_listeners", None) is None:
+        req_to_token_pool._mage_listeners = []
+        free, clear = req_to_token_pool.free, req_to_token_pool.clear
+
+        def free_and_notify(req: Any) -> Any:
+            slot = req.req_pool_idx
+            out = free(req)
+            for listener in req_to_token_pool._mage_listeners:
+                listener(slot)
+            return out
+
+        def clear_and_notify() -> Any:
+            out = clear()
+            for listener in req_to_token_pool._mage_listeners:
+                listener(None)
+            return out
+
+        req_to_token_pool.free = free_and_notify
+        req_to_token_pool.clear = clear_and_notify
+    req_to_token_pool._mage_listeners.append(on_free)
