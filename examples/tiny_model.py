@@ -1,0 +1,35 @@
+"""Write the config of a tiny SDAR model (dummy weights; SGLang's dLLM architecture SDARForCausalLM) to a folder."""
+
+import json
+import os
+import sys
+
+TINY_SDAR = {
+    "architectures": ["SDARForCausalLM"],
+    "model_type": "qwen3",  # SDAR is Qwen3-shaped; transformers knows this config class
+    "vocab_size": 151936,  # SDAR's [MASK] id 151669 must be inside the vocabulary
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "max_position_embeddings": 16384,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+
+
+def write(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(TINY_SDAR, f, indent=1)
+    return path
+
+
+if __name__ == "__main__":
+    print(write(sys.argv[1]))

@@ -1,0 +1,295 @@
+"""Triton kernels for MAGE block-sparse attention over a paged KV pool.
+
+One program owns (request, KV head, row tile, key split). Its Q tile stacks the block's tokens times the
+G query heads that share the KV head, so every gathered K/V row is reused by all G heads (the point of
+grouping by KV head instead of by query head). Its key list is [selected prefix slots | the block's own
+slots]; long lists are cut into `num_splits` equal chunks so that small batches still fill the GPU, and a
+second kernel merges the chunks by their log-sum-exp (flash-decoding). With one split the first kernel
+writes the output itself and the merge is skipped.
+
+Everything the wrapper decides (grid, tile sizes, split count) is a function of tensor shapes only, so a
+call can be captured in a CUDA graph; per-request lengths are read on the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Keys per split below which the merge pass costs more than the parallelism buys.
+_MIN_KEYS_PER_SPLIT = 128
+# Programs wanted per launch: about two waves on a 132-SM H100/H200.
+_TARGET_PROGRAMS = 2 * 132
+_MAX_SPLITS = 16
+
+
+def _tile_sizes(group: int, max_extend_len: int, head_dim: int, head_dim_v: int) -> tuple[int, int, int, int, int]:
+    rows = max_extend_len * group
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    # A 256x128 fp32 accumulator plus its Q tile does not fit one CTA's registers; cap the row tile and
+    # let extra tiles become extra programs (they re-gather the same keys, which L2 mostly absorbs).
+    cap = 128 if max(block_d, block_dv) <= 128 else 64
+    block_m = min(max(16, triton.next_power_of_2(rows)), cap)
+    block_n = 64 if max(block_d, block_dv) <= 128 else 32
+    return rows, block_m, block_n, block_d, block_dv
+
+
+def default_num_splits(
+    num_reqs: int, num_kv_heads: int, group: int, max_extend_len: int, k_max: int, head_dim: int = 128
+) -> int:
+    """Split count used when the caller gives none: enough programs for ~2 waves, but never so many that a
+    split holds fewer than _MIN_KEYS_PER_SPLIT keys. Pure function of shapes (CUDA-graph safe)."""
+    rows, block_m, *_ = _tile_sizes(group, max_extend_len, head_dim, head_dim)
+    programs = max(1, num_reqs * num_kv_heads * triton.cdiv(rows, block_m))
+    by_keys = max(1, (k_max + max_extend_len) // _MIN_KEYS_PER_SPLIT)
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), by_keys, _MAX_SPLITS))
+
+
+def alloc_workspace(
+    max_reqs: int,
+    num_kv_heads: int,
+    max_extend_len: int,
+    group: int,
+    head_dim_v: int,
+    num_splits: int,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 buffers for the split path: partial O [max_reqs, Hkv, splits, max_extend_len*G, Dv] (each
+    split's softmax-normalised output) and LSE [max_reqs, Hkv, splits, max_extend_len*G] (base-2)."""
+    rows = max_extend_len * group
+    o_part = torch.empty((max_reqs, num_kv_heads, num_splits, rows, head_dim_v), dtype=torch.float32, device=device)
+    lse = torch.empty((max_reqs, num_kv_heads, num_splits, rows), dtype=torch.float32, device=device)
+    return o_part, lse
+
+
+@triton.jit
+def _sparse_block_attn_fwd(
+    q_ptr, k_ptr, v_ptr, out_ptr, o_part_ptr, lse_ptr,
+    qo_indptr_ptr, r2t_ptr, pool_idx_ptr, prefix_ptr, sel_ptr, sel_len_ptr,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
+    stride_r2t, stride_sel0, stride_sel1, stride_sel2, stride_sl0, stride_sl1,
+    stride_pr, stride_ph, stride_ps, stride_pm, stride_lr, stride_lh, stride_ls,
+    qk_scale, num_splits, num_m_tiles, M_ROWS,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DIRECT: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1) // num_m_tiles
+    mt = tl.program_id(1) % num_m_tiles
+    split = tl.program_id(2)
+
+    q_start = tl.load(qo_indptr_ptr + r)
+    ext_len = tl.load(qo_indptr_ptr + r + 1) - q_start
+    pool = tl.load(pool_idx_ptr + r).to(tl.int64)
+    prefix = tl.load(prefix_ptr + r)
+    sel_len = tl.load(sel_len_ptr + pool * stride_sl0 + h * stride_sl1)
+    total = sel_len + ext_len
+    # Chunks are rounded to whole key tiles so only a list's last tile is partial; trailing splits of a
+    # short list come out empty and are handled as such.
+    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+    key_start = split * chunk
+    key_end = tl.minimum(key_start + chunk, total)
+
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = offs_m // G
+    head = h * G + offs_m % G
+    row_ok = (tok < ext_len) & (offs_m < M_ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    q_rows = (q_start + tok).to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    sel_base = sel_ptr + pool * stride_sel0 + h * stride_sel1
+    own_base = r2t_ptr + pool * stride_r2t + prefix - sel_len
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    for n0 in range(key_start, key_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < key_end
+        from_sel = offs_n < sel_len
+        # Only entries below sel_len are read: the rest of a selection row is stale garbage.
+        sel_ids = tl.load(sel_base + offs_n.to(tl.int64) * stride_sel2, mask=n_ok & from_sel, other=0)
+        own_ids = tl.load(own_base + offs_n, mask=n_ok & (offs_n >= sel_len), other=0)
+        # int64 before scaling by the stride: slot * stride overflows int32 on large pools.
+        slot = tl.where(from_sel, sel_ids, own_ids).to(tl.int64)
+
+        kt = tl.load(
+            k_ptr + slot[None, :] * stride_ks + h * stride_kh + offs_d[:, None],
+            mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+        )
+        if IEEE_DOT:
+            qk = tl.dot(q, kt, input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+
+        # Every tile holds at least one valid key, so m_new is finite and alpha never sees -inf - -inf.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(
+            v_ptr + slot[:, None] * stride_vs + h * stride_vh + offs_dv[None, :],
+            mask=n_ok[:, None] & dv_ok[None, :], other=0.0,
+        )
+        if IEEE_DOT:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    # An empty split has l_i == 0: it must publish O = 0 and LSE = -inf, never 0/0.
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    store_mask = row_ok[:, None] & dv_ok[None, :]
+    if DIRECT:
+        o_rows = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+        tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], o.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        part = r.to(tl.int64) * stride_pr + h * stride_ph + split * stride_ps
+        tl.store(o_part_ptr + part + offs_m[:, None] * stride_pm + offs_dv[None, :], o, mask=store_mask)
+        lse_off = r.to(tl.int64) * stride_lr + h * stride_lh + split * stride_ls
+        tl.store(lse_ptr + lse_off + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits(
+    out_ptr, o_part_ptr, lse_ptr, qo_indptr_ptr,
+    stride_ot, stride_oh, stride_pr, stride_ph, stride_ps, stride_pm, stride_lr, stride_lh, stride_ls,
+    num_splits, num_m_tiles, M_ROWS,
+    HEAD_DIM_V: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1) // num_m_tiles
+    mt = tl.program_id(1) % num_m_tiles
+    q_start = tl.load(qo_indptr_ptr + r)
+    ext_len = tl.load(qo_indptr_ptr + r + 1) - q_start
+
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = offs_m // G
+    head = h * G + offs_m % G
+    row_ok = (tok < ext_len) & (offs_m < M_ROWS)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < HEAD_DIM_V
+    lse_base = lse_ptr + r.to(tl.int64) * stride_lr + h * stride_lh + offs_m
+    part_base = o_part_ptr + r.to(tl.int64) * stride_pr + h * stride_ph + offs_m[:, None] * stride_pm + offs_dv[None, :]
+
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(lse_base + s * stride_ls, mask=row_ok, other=float("-inf")))
+    # Rows with no keys anywhere (only padding rows, in practice) keep m = -inf; shift by 0 so that
+    # exp2(-inf - 0) = 0 instead of NaN.
+    m = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(num_splits):
+        w = tl.exp2(tl.load(lse_base + s * stride_ls, mask=row_ok, other=float("-inf")) - m)
+        # An empty split has w == 0; it stored O = 0, and the where() keeps it harmless regardless.
+        o = tl.load(part_base + s * stride_ps, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc += tl.where(w[:, None] > 0.0, o * w[:, None], 0.0)
+        den += w
+    o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+    o_rows = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+    tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dv_ok[None, :])
+
+
+def sparse_block_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    sel_slots: torch.Tensor,
+    sel_lens: torch.Tensor,
+    sm_scale: float,
+    max_extend_len: int,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Block queries attend to [selected prefix slots of their KV head | the block's own tokens].
+
+    Shapes: q [T, Hq, D]; k_buffer/v_buffer [S, Hkv, D/Dv]; qo_indptr [R+1]; req_to_token [P, ctx];
+    req_pool_indices/prefix_lens [R]; sel_slots [P', Hkv, K_max] and sel_lens [P', Hkv] (any strides,
+    indexed by req_pool_indices). Every ext_len must be <= max_extend_len. With num_splits None the split
+    count is the workspace's if one is given, else default_num_splits(). No host sync: graph-capturable.
+    """
+    num_tokens, hq, head_dim = q.shape
+    _, hkv, head_dim_k = k_buffer.shape
+    head_dim_v = v_buffer.shape[2]
+    assert head_dim_k == head_dim and hq % hkv == 0, "q/k head dims or GQA ratio do not match"
+    group = hq // hkv
+    num_reqs = qo_indptr.shape[0] - 1
+    k_max = sel_slots.shape[2]
+    unit_last = (q, k_buffer, v_buffer, req_to_token, qo_indptr, req_pool_indices, prefix_lens)
+    assert all(t.stride(-1) == 1 for t in unit_last), "q, k/v, req_to_token and 1-D metadata need unit last stride"
+    if out is None:
+        out = torch.empty((num_tokens, hq, head_dim_v), dtype=q.dtype, device=q.device)
+    assert out.shape == (num_tokens, hq, head_dim_v) and out.stride(-1) == 1
+    if num_reqs == 0:
+        return out
+
+    rows, block_m, block_n, block_d, block_dv = _tile_sizes(group, max_extend_len, head_dim, head_dim_v)
+    num_m_tiles = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = workspace[0].shape[2] if workspace is not None else default_num_splits(
+            num_reqs, hkv, group, max_extend_len, k_max, head_dim
+        )
+    direct = num_splits == 1
+    if direct:
+        o_part, lse = out, out  # unused by the kernel on this path; any pointer will do
+        part_strides = (0, 0, 0, 0)
+        lse_strides = (0, 0, 0)
+    else:
+        if workspace is None:
+            workspace = alloc_workspace(num_reqs, hkv, max_extend_len, group, head_dim_v, num_splits, q.device)
+        o_part, lse = workspace
+        assert o_part.dtype == lse.dtype == torch.float32
+        assert o_part.shape[0] >= num_reqs and o_part.shape[1] == hkv and o_part.shape[2] >= num_splits
+        assert o_part.shape[3] >= rows and o_part.shape[4] == head_dim_v and o_part.stride(-1) == 1
+        assert lse.shape[:3] == o_part.shape[:3] and lse.shape[3] >= rows and lse.stride(-1) == 1
+        part_strides = o_part.stride()[:4]
+        lse_strides = lse.stride()[:3]
+
+    ieee = q.dtype == torch.float32
+    num_warps = 8 if block_m * max(block_d, block_dv) >= 128 * 128 else 4
+    grid = (num_reqs, hkv * num_m_tiles, num_splits)
+    _sparse_block_attn_fwd[grid](
+        q, k_buffer, v_buffer, out, o_part, lse,
+        qo_indptr, req_to_token, req_pool_indices, prefix_lens, sel_slots, sel_lens,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1), out.stride(0), out.stride(1),
+        req_to_token.stride(0), sel_slots.stride(0), sel_slots.stride(1), sel_slots.stride(2),
+        sel_lens.stride(0), sel_lens.stride(1),
+        *part_strides, *lse_strides,
+        sm_scale * math.log2(math.e), num_splits, num_m_tiles, rows,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, G=group,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        DIRECT=direct, IEEE_DOT=ieee, num_warps=num_warps, num_stages=2,
+    )
+    if not direct:
+        merge_m = min(block_m, 32)
+        merge_tiles = triton.cdiv(rows, merge_m)
+        _merge_splits[(num_reqs, hkv * merge_tiles)](
+            out, o_part, lse, qo_indptr,
+            out.stride(0), out.stride(1), *part_strides, *lse_strides,
+            num_splits, merge_tiles, rows,
+            HEAD_DIM_V=head_dim_v, G=group, BLOCK_M=merge_m, BLOCK_DV=block_dv, num_warps=4,
+        )
+    return out
