@@ -5,8 +5,9 @@ Runs a dummy-weight tiny SDAR model through `sgl.Engine` and checks:
 - k >= context with --mage-force-sparse: the same, with every step after the first in the sparse kernel;
 - k = 64 on 4K-token prompts: runs, steps >= 2 used the sparse kernel (counter), and one dumped sparse step
   equals the PyTorch reference recomputed from the q, k, v captured on the GPU;
-- the same for JointThreshold;
-- after 200 sequential requests the index cache is empty.
+- the same for JointThreshold, and the k = 64 check with the `vote` selector (LowConfidence);
+- after 200 sequential requests (on the force-sparse engine, where every request selects) the index cache
+  is empty.
 
 Writes benchmarks/results/e2e_correctness.json. Usage: python benchmarks/e2e_correctness.py [--out PATH]
 """
@@ -119,6 +120,10 @@ def main():
             ("k_ge_context_force_sparse", mixed, ref_mixed, dict(mage_k=4096, mage_min_context=0, mage_force_sparse=True)),
             ("k64_4k_prompts", long4k, None, dict(mage_k=64, mage_min_context=1024)),
         ]
+        if algorithm == "LowConfidence":
+            runs.append(("k64_4k_prompts_vote", long4k, None,
+                         dict(mage_k=64, mage_min_context=1024, mage_selector="vote", mage_vote_min_k=16,
+                              mage_vote_max_k=128)))
         for name, ids, ref, mage in runs:
             if args.only not in name:
                 continue

@@ -29,7 +29,7 @@ def test_e2e_correctness(tmp_path):
     assert {"k_ge_context", "k_ge_context_force_sparse", "k64_4k_prompts"} <= names
     for case in result["cases"]:
         assert case["stats"]["occupancy"] == 0
-        if case["name"].endswith("force_sparse") or case["name"].endswith("k64_4k_prompts"):
+        if "force_sparse" in case["name"] or "k64" in case["name"]:
             assert case["sparse_steps"] > 0
         if case["reference_backend"]:
             assert case["greedy_match"] is True
