@@ -11,7 +11,6 @@ Other forward modes (none in dLLM serving) fall through to FlashInfer untouched.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Optional
 
@@ -28,8 +27,6 @@ from .selectors import VoteSelector
 
 logger = logging.getLogger("sglang_mage")
 
-# FlashInfer returns the log-sum-exp in base 2; the selection op takes natural logs.
-_LN2 = math.log(2.0)
 
 
 class MageAttnBackend(FlashInferAttnBackend):
@@ -155,22 +152,22 @@ class MageAttnBackend(FlashInferAttnBackend):
         return o, lse
 
     def _select(self, q3, lse, layer, forward_batch) -> None:
+        """`lse` is FlashInfer's, in base 2 (tests/gpu/test_flashinfer_lse.py pins that convention)."""
         if self.max_prefix == 0:
             return
         cfg = self.mage
         k_buf, _ = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
         req_to_token = self.req_to_token_pool.req_to_token
-        lse_nat = lse.float() * _LN2
         if self.vote is not None:
             self.vote.select(
                 layer.layer_id, q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices,
-                self.prefix_lens, lse_nat, layer.scaling, self.block_size, self.max_prefix, sel_slots, sel_lens,
+                self.prefix_lens, lse, layer.scaling, self.block_size, self.max_prefix, sel_slots, sel_lens,
             )
         else:
             scores = block_mean_scores(
                 q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
-                lse_nat, layer.scaling, self.block_size, self.max_prefix,
+                lse, layer.scaling, self.block_size, self.max_prefix, lse_is_log2=True,
             )
             select_topk(
                 scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,

@@ -39,12 +39,13 @@ class VoteSelector:
             self.prev_mean[rows] = torch.where(done, self.cur_sum[rows] / self.num_layers, self.prev_mean[rows])
             self.cur_sum[rows] = 0
         tie = block_mean_scores(q3, k_buf, qo_indptr, req_to_token, req_pool_indices, prefix_lens, lse, sm_scale,
-                                block_size, max_prefix)
+                                block_size, max_prefix, lse_is_log2=True)
         # One request at a time bounds the per-row probability tensor to Hq x B x prefix floats.
         for r in range(rows.shape[0]):
             sl = slice(r, r + 1)
             probs, row_valid = row_probs_padded(q3, k_buf, qo_indptr[r:r + 2], req_to_token, req_pool_indices[sl],
-                                                prefix_lens[sl], lse, sm_scale, block_size, max_prefix)
+                                                prefix_lens[sl], lse, sm_scale, block_size, max_prefix,
+                                                lse_is_log2=True)
             votes, union_size, coverage = vote_candidates(probs, row_valid, prefix_lens[sl], cfg.k)
             s_l = layer_score(union_size, coverage)
             self.cur_sum[rows[sl]] += s_l.double()
