@@ -11,11 +11,17 @@ dense attention.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
-from .ops.selection import block_mean_scores_ref, dense_lse_ref, select_topk
-from .ops.sparse_attention import sparse_block_attention_ref
+# Without a GPU the Triton parts of the ops (top-k bookkeeping) run in Triton's interpreter; the flag must
+# be set before the kernels are first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .ops.selection import block_mean_scores_ref, dense_lse_ref, select_topk  # noqa: E402
+from .ops.sparse_attention import sparse_block_attention_ref  # noqa: E402
 
 
 def build(prefix: int, block: int, hq: int, hkv: int, dim: int, needles: int, seed: int):
