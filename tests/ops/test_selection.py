@@ -1,18 +1,12 @@
 """Tests of sglang_mage.ops.selection: block-mean scores (Triton vs reference), top-k by captured score
 mass, and the vote selector against brute force."""
 
-import os
+# Without CUDA the kernels run in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET before any
+# test module imports them.
+import itertools
 
+import pytest
 import torch
-
-# Kernels are decorated when the op package is first imported; without CUDA they must be decorated in
-# interpreter mode, so the variable has to be set before that import (importing torch does not import triton).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import itertools  # noqa: E402
-
-import pytest  # noqa: E402
 
 from sglang_mage.ops.selection import (  # noqa: E402
     adaptive_budgets,

@@ -3,16 +3,10 @@
 On a machine without CUDA the kernels run under the Triton interpreter, so sizes are kept small there.
 """
 
-import os
-
-# The interpreter flag is read when a kernel is decorated, so it must be set before the kernel module
-# is imported. conftest has already imported torch, so asking torch about CUDA here changes no order.
+# Without CUDA the kernels run in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET before any
+# test module imports them.
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 from tests.utils import DEVICE, ON_GPU, assert_close, max_abs_err  # noqa: E402
 
