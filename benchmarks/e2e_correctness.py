@@ -28,7 +28,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 from tiny_model import TINY_SDAR, write  # noqa: E402
-BLOCK = 4  # SDAR's block size in SGLang 0.5.14
 
 
 def write_model_dir(root: str) -> str:

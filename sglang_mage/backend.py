@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend, _safe_merge_state

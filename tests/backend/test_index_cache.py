@@ -4,7 +4,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from sglang_mage.config import MageConfig
 from sglang_mage.hooks import install_slot_free_listener
