@@ -14,7 +14,8 @@ import logging
 import os
 
 import torch
-from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend, _safe_merge_state
+from sglang.srt.layers.attention import flashinfer_backend as _flashinfer_backend
+from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from . import config as mage_config
@@ -25,7 +26,6 @@ from .ops.sparse_attention import alloc_workspace, default_num_splits, sparse_bl
 from .selectors import VoteSelector
 
 logger = logging.getLogger("sglang_mage")
-
 
 
 class MageAttnBackend(FlashInferAttnBackend):
@@ -40,38 +40,40 @@ class MageAttnBackend(FlashInferAttnBackend):
         kv_dtype = model_runner.kv_cache_dtype
         if kv_dtype not in (torch.bfloat16, torch.float16):
             raise RuntimeError(f"--attention-backend mage supports bf16/fp16 KV caches, not {kv_dtype}")
-        self.mage = cfg
-        self.block_size = self.dllm_config.block_size
-        self.mask_id = self.dllm_config.mask_id
         mc = model_runner.model_config
         tp = max(1, getattr(model_runner, "tp_size", 1))
-        self.num_kv_heads = mc.get_num_kv_heads(tp)
-        self.num_q_heads = mc.num_attention_heads // tp
-        self.num_layers = mc.num_hidden_layers
-        rows = model_runner.req_to_token_pool.req_to_token.shape[0]
-        self.index_cache = MageIndexCache(rows, self.num_layers, self.num_kv_heads, cfg, model_runner.device)
-        install_slot_free_listener(model_runner.req_to_token_pool, self.index_cache.invalidate)
+        self._setup_mage(
+            cfg, self.dllm_config, mc.num_hidden_layers, mc.num_attention_heads // tp, mc.get_num_kv_heads(tp),
+            mc.head_dim, model_runner.req_to_token_pool, model_runner.device,
+        )
+
+    def _setup_mage(self, cfg, dllm_config, num_layers, num_q_heads, num_kv_heads, head_dim, req_to_token_pool, device):
+        """MAGE's own state, apart from FlashInfer's: the index cache (registered with the pool for slot frees),
+        the sparse kernel's workspace, and the vote selector's budget state."""
+        self.mage = cfg
+        self.block_size = dllm_config.block_size
+        self.mask_id = dllm_config.mask_id
+        self.num_kv_heads, self.num_q_heads, self.num_layers = num_kv_heads, num_q_heads, num_layers
+        rows = req_to_token_pool.req_to_token.shape[0]
+        self.index_cache = MageIndexCache(rows, num_layers, num_kv_heads, cfg, device)
+        install_slot_free_listener(req_to_token_pool, self.index_cache.invalidate)
         # dLLM batches hold at most DllmConfig.max_running_requests requests (1 unless the user raises it).
-        max_reqs = max(1, int(self.dllm_config.max_running_requests))
-        group = self.num_q_heads // self.num_kv_heads
-        self.num_splits = default_num_splits(
-            max_reqs, self.num_kv_heads, group, self.block_size, cfg.max_selected, mc.head_dim
-        )
-        self.workspace = alloc_workspace(
-            max_reqs, self.num_kv_heads, self.block_size, group, mc.head_dim, self.num_splits, model_runner.device
-        )
+        max_reqs = max(1, int(dllm_config.max_running_requests))
+        group = num_q_heads // num_kv_heads
+        self.num_splits = default_num_splits(max_reqs, num_kv_heads, group, self.block_size, cfg.max_selected, head_dim)
+        self.workspace = alloc_workspace(max_reqs, num_kv_heads, self.block_size, group, head_dim, self.num_splits, device)
         self.vote = None
         if cfg.selector == "vote":
-            self.vote = VoteSelector(cfg, self.num_layers, rows, model_runner.device)
-            install_slot_free_listener(model_runner.req_to_token_pool, self.vote.invalidate)
+            self.vote = VoteSelector(cfg, num_layers, rows, device)
+            install_slot_free_listener(req_to_token_pool, self.vote.invalidate)
         self.plan: StepPlan = StepPlan(Phase.DENSE, "not planned")
         self._dump_dir = os.environ.get("SGLANG_MAGE_DUMP_DIR")
         self._dumped = False
         logger.info(
             "sglang-mage: k=%d sink=%d local=%d selector=%s min_context=%d sparse_commit=%s; index cache %.1f MiB "
             "(%d rows x %d layers x %d kv heads x %d)", cfg.k, cfg.sink_tokens, cfg.local_window, cfg.selector,
-            cfg.min_context, cfg.sparse_commit, self.index_cache.nbytes / 2**20, rows, self.num_layers,
-            self.num_kv_heads, cfg.max_selected,
+            cfg.min_context, cfg.sparse_commit, self.index_cache.nbytes / 2**20, rows, num_layers,
+            num_kv_heads, cfg.max_selected,
         )
 
     # ---- per forward batch ------------------------------------------------------------------------------
@@ -145,7 +147,8 @@ class MageAttnBackend(FlashInferAttnBackend):
             o, lse = self.prefill_wrapper_ragged.forward_return_lse(q3, k3, v3, **kv)
             if not md.extend_no_prefix:
                 o2, lse2 = paged.forward_return_lse(q3, self.token_to_kv_pool.get_kv_buffer(layer.layer_id), **kv)
-                o, lse = _safe_merge_state(o, lse, o2, lse2)
+                # SGLang defines its merge helper on CUDA builds only; look it up when it is needed.
+                o, lse = _flashinfer_backend._safe_merge_state(o, lse, o2, lse2)
             if save_kv_cache:
                 self._write_kv(layer, forward_batch, k, v)
         return o, lse
