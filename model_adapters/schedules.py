@@ -3,10 +3,9 @@
 `FixedSteps` makes benchmarks reproducible: every block takes exactly `steps` denoising forwards (fewer only
 when a block holds fewer [MASK] tokens than that), each unmasking an equal share of the block's [MASK]
 positions, the most confident first, then one commit pass that writes the block's final KV. The SGLang
-algorithm class is in fixed_steps_algorithm.py. Registering it with SGLang (`--dllm-algorithm FixedSteps`,
-step count from `--dllm-algorithm-config`, YAML `steps: 8`) is not wired yet: a hook on
-`DllmConfig.from_server_args` would import ~900 SGLang modules at plugin registration, so it waits for a
-post-import registration that keeps registration cheap.
+algorithm class is in fixed_steps_algorithm.py; `register_schedules()` adds it to SGLang's algorithm table
+when that package is first imported, so `--dllm-algorithm FixedSteps` works, with the step count from
+`--dllm-algorithm-config` (YAML `steps: 8`).
 """
 
 from __future__ import annotations
@@ -15,6 +14,25 @@ import torch
 
 FIXED_STEPS = "FixedSteps"
 DEFAULT_STEPS = 8
+
+
+ALGORITHM_PACKAGE = "sglang.srt.dllm.algorithm"
+
+
+def _add_schedules(package) -> None:
+    from .fixed_steps_algorithm import FixedSteps
+
+    package.algo_name_to_cls.setdefault(FIXED_STEPS, FixedSteps)
+
+
+def register_schedules() -> None:
+    """Why: SGLang 0.5.14 finds dLLM algorithms only among its own modules (`algo_name_to_cls`, filled when
+    `sglang.srt.dllm.algorithm` is imported). Adds ours to that table right after the package's first
+    import in each process, without importing it at plugin registration. Remove when SGLang has a plugin
+    registry for algorithms."""
+    from sglang_mage.compat import when_imported
+
+    when_imported(ALGORITHM_PACKAGE, _add_schedules)
 
 
 def parse_steps(algorithm_config: dict, block_size: int) -> int:

@@ -32,3 +32,70 @@ def check_sglang_version() -> str:
             f"(it hooks internals that change between releases); found sglang=={found}"
         )
     return found
+
+
+# ---- post-import registration ------------------------------------------------------------------------------
+# Hooks on SGLang modules that are expensive to import (the dLLM algorithm package pulls in ~900 modules)
+# must not import them at plugin registration. `when_imported` runs a callback right after a module's
+# first import, in whatever process imports it, or at once if it is already imported.
+
+import importlib.abc  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+_pending: dict[str, list[Callable[[Any], None]]] = {}
+_lock = threading.Lock()
+
+
+class _NotifyingLoader(importlib.abc.Loader):
+    def __init__(self, inner: Any, name: str):
+        self._inner, self._name = inner, name
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._inner.exec_module(module)
+        # The module is complete only now; give it back its own loader for everything that inspects it.
+        module.__loader__ = self._inner
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._inner
+        with _lock:
+            callbacks = _pending.pop(self._name, [])
+        for callback in callbacks:
+            callback(module)
+
+    def __getattr__(self, attr):
+        return getattr(self._inner, attr)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _NotifyingLoader(spec.loader, fullname)
+                return spec
+        return None
+
+
+_finder = _PostImportFinder()
+
+
+def when_imported(module_name: str, callback: Callable[[Any], None]) -> None:
+    """Call `callback(module)` once `module_name` has been imported: now if it already is, else right after
+    its first import finishes."""
+    module = sys.modules.get(module_name)
+    if module is not None:
+        callback(module)
+        return
+    with _lock:
+        _pending.setdefault(module_name, []).append(callback)
+        if _finder not in sys.meta_path:
+            sys.meta_path.insert(0, _finder)
