@@ -44,11 +44,13 @@ def register() -> None:
 
         from .compat import check_sglang_version
         from .hooks import register_server_args_hooks
+        from .model_adapters.registry import install_dllm_config_hook
         from .model_adapters.schedules import register_schedules
 
         check_sglang_version()
         register_server_args_hooks()
         register_schedules()
+        install_dllm_config_hook()
         # Inside SGLang's loader this is repeated right after us; outside it (tests, custom launchers)
         # the hooks would otherwise stay unapplied. apply_hooks skips targets it already patched.
         HookRegistry.apply_hooks()
