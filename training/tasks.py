@@ -1,0 +1,143 @@
+"""Synthetic long-context tasks for the shipped tiny block-diffusion model (issue: accuracy), generated on
+the fly: multi-key needle retrieval, associative recall and variable tracking.
+
+Every sample is a prompt whose answer is determined by it alone, and `solve(prompt)` recovers that answer
+by parsing, which the tests use to prove each task well-posed (unique keys, no answer leaked elsewhere).
+The answer is ANSWER_LEN tokens, so it fills one block of the block-diffusion model (B = 4).
+
+Vocabulary (< 1024): special tokens, then three disjoint ranges for filler, keys and values, so that a
+model must retrieve rather than guess from token statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+PAD, BOS, EOS, MASK, QUERY, ANSWER, KEY, VALUE, ASSIGN, VAR = range(10)
+FILLER = range(16, 256)
+KEYS = range(256, 640)
+VALUES = range(640, 1024)
+VOCAB_SIZE = 1024
+ANSWER_LEN = 4
+TASKS = ("needle", "recall", "variables")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    task: str
+    prompt: list[int]
+    answer: list[int]
+
+
+def _distinct(rng: random.Random, pool: range, n: int, width: int) -> list[tuple[int, ...]]:
+    seen: set[tuple[int, ...]] = set()
+    while len(seen) < n:
+        seen.add(tuple(rng.choice(pool) for _ in range(width)))
+    out = list(seen)
+    rng.shuffle(out)
+    return out
+
+
+def _filler(rng: random.Random, n: int) -> list[int]:
+    return [rng.choice(FILLER) for _ in range(n)]
+
+
+def needle(rng: random.Random, context_len: int, num_needles: int = 8) -> Sample:
+    """Needles KEY k k VALUE v v v v scattered through filler; the query names one key."""
+    keys = _distinct(rng, KEYS, num_needles, 2)
+    values = _distinct(rng, VALUES, num_needles, ANSWER_LEN)
+    needles = [[KEY, *k, VALUE, *v] for k, v in zip(keys, values)]
+    body_len = max(0, context_len - 1 - sum(map(len, needles)) - 4)
+    body = _filler(rng, body_len)
+    for n, at in zip(needles, sorted((rng.randrange(body_len + 1) for _ in needles), reverse=True)):
+        body[at:at] = n
+    target = rng.randrange(num_needles)
+    return Sample("needle", [BOS, *body, QUERY, *keys[target], ANSWER], list(values[target]))
+
+
+def recall(rng: random.Random, context_len: int) -> Sample:
+    """Dense key-value pairs (k k v v v v); the query names one key."""
+    per_pair = 2 + ANSWER_LEN
+    n = max(2, (context_len - 5) // per_pair)
+    keys = _distinct(rng, KEYS, n, 2)
+    values = _distinct(rng, VALUES, len(keys), ANSWER_LEN)
+    body = [tok for k, v in zip(keys, values) for tok in (*k, *v)]
+    target = rng.randrange(len(keys))
+    return Sample("recall", [BOS, *body, QUERY, *keys[target], ANSWER], list(values[target]))
+
+
+def variables(rng: random.Random, context_len: int, chain: int = 6, max_chains: int = 4) -> Sample:
+    """Chains VAR x ASSIGN v v v v, then VAR y ASSIGN VAR x, ... spread through filler; the query names a
+    chain's last variable, whose value is its chain's root value. Statements take at most half the context."""
+    chain_tokens = 3 + ANSWER_LEN + (chain - 1) * 5
+    chains = max(1, min(max_chains, (context_len // 2) // chain_tokens))
+    names = _distinct(rng, KEYS, chain * chains, 1)
+    roots = _distinct(rng, VALUES, chains, ANSWER_LEN)
+    statements = []
+    for c in range(chains):
+        chain_names = names[c * chain:(c + 1) * chain]
+        per_chain = [[VAR, *chain_names[0], ASSIGN, *roots[c]]]
+        per_chain += [[VAR, *chain_names[i], ASSIGN, VAR, *chain_names[i - 1]] for i in range(1, chain)]
+        statements.append(per_chain)
+    # Interleave the chains but keep each chain in order, so every assignment precedes its use.
+    order = [c for c in range(chains) for _ in range(chain)]
+    rng.shuffle(order)
+    cursor = [0] * chains
+    flat = []
+    for c in order:
+        flat.append(statements[c][cursor[c]])
+        cursor[c] += 1
+    body_len = max(0, context_len - 1 - sum(map(len, flat)) - 4)
+    gaps = sorted(rng.randrange(body_len + 1) for _ in flat)
+    body, last = [], 0
+    filler = _filler(rng, body_len)
+    for stmt, gap in zip(flat, gaps):
+        body += filler[last:gap] + stmt
+        last = gap
+    body += filler[last:]
+    target = rng.randrange(chains)
+    return Sample("variables", [BOS, *body, QUERY, *names[target * chain + chain - 1], ANSWER], list(roots[target]))
+
+
+GENERATORS = {"needle": needle, "recall": recall, "variables": variables}
+
+
+def make_sample(task: str, context_len: int, rng: random.Random) -> Sample:
+    if task not in GENERATORS:
+        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    if context_len < 64:
+        raise ValueError(f"context_len must be >= 64 (got {context_len})")
+    return GENERATORS[task](rng, context_len)
+
+
+def solve(sample: Sample) -> list[int]:
+    """Recover the answer from the prompt alone (the reference the tests check generators against)."""
+    p = sample.prompt
+    assert p[-1] == ANSWER
+    q = p.index(QUERY)
+    key = tuple(p[q + 1:-1])
+    body = p[1:q]
+    if sample.task == "needle":
+        hits = [i for i in range(len(body)) if body[i] == KEY and tuple(body[i + 1:i + 3]) == key]
+        assert len(hits) == 1
+        return body[hits[0] + 4:hits[0] + 4 + ANSWER_LEN]
+    if sample.task == "recall":
+        per_pair = 2 + ANSWER_LEN
+        hits = [i for i in range(0, len(body), per_pair) if tuple(body[i:i + 2]) == key]
+        assert len(hits) == 1
+        return body[hits[0] + 2:hits[0] + per_pair]
+    env: dict[int, list[int]] = {}
+    i = 0
+    while i < len(body):
+        if body[i] == VAR and i + 2 < len(body) and body[i + 2] == ASSIGN:
+            name = body[i + 1]
+            if body[i + 3] == VAR:
+                env[name] = env[body[i + 4]]
+                i += 5
+            else:
+                env[name] = body[i + 3:i + 3 + ANSWER_LEN]
+                i += 3 + ANSWER_LEN
+        else:
+            i += 1
+    return env[key[0]]
