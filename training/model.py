@@ -75,15 +75,18 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
     def forward(self, x, positions, mask):
-        c, t = self.c, x.shape[0]
-        q = rope(self.q_norm(self.q_proj(x).view(t, c.num_attention_heads, c.head_dim)), positions, c.rope_theta)
-        k = rope(self.k_norm(self.k_proj(x).view(t, c.num_key_value_heads, c.head_dim)), positions, c.rope_theta)
-        v = self.v_proj(x).view(t, c.num_key_value_heads, c.head_dim)
+        """x [N, T, hidden]; positions [T]; mask [T, T] bool."""
+        c, n, t = self.c, x.shape[0], x.shape[1]
+        q = rope(self.q_norm(self.q_proj(x).view(n * t, c.num_attention_heads, c.head_dim)), positions.repeat(n),
+                 c.rope_theta).view(n, t, c.num_attention_heads, c.head_dim)
+        k = rope(self.k_norm(self.k_proj(x).view(n * t, c.num_key_value_heads, c.head_dim)), positions.repeat(n),
+                 c.rope_theta).view(n, t, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x).view(n, t, c.num_key_value_heads, c.head_dim)
         g = c.num_attention_heads // c.num_key_value_heads
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+        k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            scale=1.0 / math.sqrt(c.head_dim))
-        return self.o_proj(o.transpose(0, 1).reshape(t, -1))
+        return self.o_proj(o.transpose(1, 2).reshape(n, t, -1))
 
 
 class MLP(nn.Module):
@@ -126,11 +129,13 @@ class TinySDAR(nn.Module):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, mask):
-        """input_ids, positions [T]; mask [T, T] bool (True = may attend). Returns logits [T, V]."""
-        x = self.model.embed_tokens(input_ids)
+        """input_ids [T] or [N, T]; positions [T]; mask [T, T] bool (True = may attend). Logits [(N,) T, V]."""
+        batched = input_ids.dim() == 2
+        x = self.model.embed_tokens(input_ids if batched else input_ids.unsqueeze(0))
         for layer in self.model.layers:
             x = layer(x, positions, mask)
-        return self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))
+        return logits if batched else logits[0]
 
 
 def block_causal_mask(n: int, block_size: int, device=None) -> torch.Tensor:

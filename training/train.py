@@ -1,0 +1,126 @@
+"""Train the tiny block-diffusion model on the synthetic long-context tasks; save an SGLang-loadable checkpoint.
+
+    python -m training.train --out checkpoints/tiny-mage --minutes 10            # GPU
+    python -m training.train --out /tmp/t --steps 20 --context 64 --device cpu   # smoke
+
+Objective: the block-diffusion loss on the answer block. Prompts are padded to a multiple of the block size,
+so the answer fills exactly one block, as at inference (SGLang appends B [MASK] tokens after the prompt).
+Each step masks every answer token with probability t ~ U(0.1, 1) (at least one), and the loss is the
+cross-entropy on the masked positions, with block-causal attention over prompt + noisy block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .model import TinyConfig, TinySDAR, block_causal_mask
+from .tasks import ANSWER_LEN, FILLER, MASK, TASKS, make_sample
+
+
+def padded_batch(rng: random.Random, batch: int, context_len: int, block: int, tasks=TASKS):
+    """[N, L] prompts (left-padded with filler after BOS to a common multiple of the block) and [N, 4] answers."""
+    samples = [make_sample(rng.choice(tasks), context_len, rng) for _ in range(batch)]
+    length = max(len(s.prompt) for s in samples)
+    length = -(-length // block) * block
+    prompts = [[s.prompt[0], *(rng.choice(FILLER) for _ in range(length - len(s.prompt))), *s.prompt[1:]]
+               for s in samples]
+    return torch.tensor(prompts), torch.tensor([s.answer for s in samples]), [s.task for s in samples]
+
+
+def loss_on_answer_block(model, prompts, answers, rng_t: torch.Generator):
+    n, length = prompts.shape
+    t = torch.rand(n, 1, generator=rng_t) * 0.9 + 0.1
+    masked = torch.rand(n, ANSWER_LEN, generator=rng_t) < t
+    masked[torch.arange(n), torch.randint(0, ANSWER_LEN, (n,), generator=rng_t)] = True
+    noisy = torch.where(masked.to(answers.device), torch.full_like(answers, MASK), answers)
+    ids = torch.cat([prompts, noisy], dim=1)
+    total = length + ANSWER_LEN
+    block = model.config.block_size
+    logits = model(ids, torch.arange(total, device=ids.device), block_causal_mask(total, block, ids.device))
+    logits = logits[:, length:].float()
+    m = masked.to(ids.device)
+    return F.cross_entropy(logits[m], answers[m])
+
+
+@torch.no_grad()
+def decode_answer(model, prompts):
+    """Greedy block decoding of the answer block: ANSWER_LEN steps, each unmasking the most confident
+    [MASK] (the FixedSteps schedule that the SGLang side runs)."""
+    from sglang_mage.model_adapters.schedules import fixed_steps_transfer
+
+    n, length = prompts.shape
+    block = torch.full((n, ANSWER_LEN), MASK, device=prompts.device)
+    total = length + ANSWER_LEN
+    mask = block_causal_mask(total, model.config.block_size, prompts.device)
+    for step in range(ANSWER_LEN):
+        logits = model(torch.cat([prompts, block], 1), torch.arange(total, device=prompts.device), mask)[:, length:]
+        logits[..., MASK] = float("-inf")
+        block = fixed_steps_transfer(block, logits, MASK, ANSWER_LEN - step)
+    return block
+
+
+def save_checkpoint(model: TinySDAR, out: str, train_args: dict) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(model.config.hf_config(), f, indent=1)
+    with open(os.path.join(out, "training_args.json"), "w") as f:
+        json.dump(train_args, f, indent=1)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--context", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    args = ap.parse_args(argv)
+    rng, gen = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    cfg = TinyConfig(hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers)
+    model = TinySDAR(cfg).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    start, history = time.time(), []
+    for step in range(args.steps):
+        if time.time() - start > args.minutes * 60:
+            break
+        lr = args.lr * min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ctx = rng.choice(args.context)
+        prompts, answers, _ = padded_batch(rng, max(1, args.batch * min(args.context) // ctx), ctx, cfg.block_size)
+        with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_on_answer_block(model, prompts.to(args.device), answers.to(args.device), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append(loss.item())
+        if step % 50 == 0:
+            print(f"step {step} ctx {ctx} loss {loss.item():.3f} ({time.time() - start:.0f}s)", flush=True)
+    train_args = {**vars(args), "config": dataclasses.asdict(cfg), "steps_run": len(history),
+                  "seconds": round(time.time() - start, 1), "final_loss": history[-1] if history else None}
+    save_checkpoint(model, args.out, train_args)
+    return {"model": model, "history": history, "train_args": train_args}
+
+
+if __name__ == "__main__":
+    main()
