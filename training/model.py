@@ -84,9 +84,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, t, c.num_key_value_heads, c.head_dim)
         g = c.num_attention_heads // c.num_key_value_heads
         k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           scale=1.0 / math.sqrt(c.head_dim))
+        o = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.o_proj(o.transpose(1, 2).reshape(n, t, -1))
+
+    def attend(self, q, k, v, mask):
+        """q, k, v [N, Hq, T, D] (KV heads already repeated per GQA group). Replaced per instance by
+        reference emulations of sparse attention (training/mage_reference.py)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.c.head_dim))
 
 
 class MLP(nn.Module):
