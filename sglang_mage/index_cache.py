@@ -63,7 +63,8 @@ class MageIndexCache:
         self.generation = [0] * rows
         self.keys: dict[int, tuple[int, int]] = {}
         # Slots whose request must stay exact after its first step (prefix above the budget but below
-        # --mage-min-context): the batch they are in runs dense.
+        # --mage-min-context): the batch they are in runs dense. A prefix within the budget needs no such
+        # care: selection keeps all of it and the sparse kernel is exact.
         self.exact_slots: set[int] = set()
         self.stats = MageStats()
         self.stats_path: Optional[str] = os.environ.get("SGLANG_MAGE_STATS_PATH")
@@ -97,13 +98,18 @@ class MageIndexCache:
             self.lens[slot].zero_()
         self.write_stats()
 
-    def _stays_exact(self, prefix_len: int) -> bool:
+    def _within_budget(self, prefix_len: int) -> bool:
+        """The whole prefix fits in the selected set: selection keeps all of it, so the sparse kernel is exact."""
         cfg = self.cfg
-        if cfg.force_sparse:
-            return False
-        # The whole prefix fits in the selected set: the sparse kernel would be exact anyway, and dense
-        # FlashInfer is the cheaper way to be exact.
-        return prefix_len <= cfg.k + cfg.sink_tokens + cfg.local_window or prefix_len < cfg.min_context
+        return prefix_len <= cfg.k + cfg.sink_tokens + cfg.local_window
+
+    def _needs_dense(self, prefix_len: int) -> bool:
+        """Above the budget but below --mage-min-context: must stay exact, which only dense attention gives."""
+        return not self.cfg.force_sparse and not self._within_budget(prefix_len) and prefix_len < self.cfg.min_context
+
+    def _all_within_budget(self, prefix_lens: Sequence[int]) -> bool:
+        # Exact either way; dense FlashInfer is the cheaper way (unless sparse is forced, for testing).
+        return not self.cfg.force_sparse and all(self._within_budget(p) for p in prefix_lens)
 
     def plan(self, slots: Sequence[int], prefix_lens: Sequence[int], has_mask: Callable[[], bool]) -> StepPlan:
         """Decide the phase of one DLLM_EXTEND forward. `has_mask` is called (it syncs with the GPU) at most
@@ -117,18 +123,20 @@ class MageIndexCache:
             for s, key in zip(slots, keys):
                 self.keys[s] = key
                 self.exact_slots.discard(s)
-                if self._stays_exact(key[1]):
+                if self._needs_dense(key[1]):
                     self.exact_slots.add(s)
-            if all(s in self.exact_slots for s in slots):
+            if self._all_within_budget(prefix_lens) or all(s in self.exact_slots for s in slots):
                 self.stats.dense_forwards += 1
-                return StepPlan(Phase.DENSE, "first step; every prefix below the budget or --mage-min-context")
+                return StepPlan(Phase.DENSE, "first step; every prefix within the budget or below --mage-min-context")
             self.stats.first_forwards += 1
             return StepPlan(Phase.FIRST, "first step of a block")
-        if any(s in self.exact_slots for s in slots):
-            # A request that stays exact shares the batch: the force of a per-request split is not worth it
-            # here; these are short prefixes, where dense is cheap.
+        if self._all_within_budget(prefix_lens):
             self.stats.dense_forwards += 1
-            return StepPlan(Phase.DENSE, "a request below the budget or --mage-min-context")
+            return StepPlan(Phase.DENSE, "every prefix within the budget")
+        if any(s in self.exact_slots for s in slots):
+            # A request that must stay exact shares the batch; the others wait for it at dense cost.
+            self.stats.dense_forwards += 1
+            return StepPlan(Phase.DENSE, "a request below --mage-min-context")
         if not self.cfg.sparse_commit and not has_mask():
             self.stats.dense_forwards += 1
             return StepPlan(Phase.DENSE, "commit pass (--no-mage-sparse-commit)")

@@ -140,3 +140,11 @@ def test_slot_free_listener_wraps_only_the_given_pool(tmp_path, monkeypatch):
     assert cache.occupancy() == 0 and freed[-1] == "all"
     other.free(SimpleNamespace(req_pool_idx=2))  # another pool: untouched, no listener
     assert not hasattr(other, "_mage_listeners")
+
+
+def test_short_and_long_requests_share_sparse_steps():
+    # A prefix within the budget is kept whole by selection, so the sparse kernel stays exact for it and the
+    # long request next to it keeps its sparse steps.
+    cache = make(MageConfig(k=8, sink_tokens=2, local_window=2, min_context=100))
+    assert cache.plan([1, 2], [8, 400], masked).phase == Phase.FIRST
+    assert cache.plan([1, 2], [8, 400], masked).phase == Phase.SPARSE
