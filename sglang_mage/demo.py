@@ -59,6 +59,8 @@ def main(argv=None) -> None:
     sel_lens = torch.zeros(1, hkv, dtype=torch.int32)
     all_slots = req_to_token[:, : args.prefix].expand(hkv, -1).unsqueeze(0).contiguous()
     all_lens = torch.full((1, hkv), args.prefix, dtype=torch.int32)
+    pos_of_slot = torch.empty(req_to_token.shape[1], dtype=torch.long)
+    pos_of_slot[req_to_token[0].long()] = torch.arange(req_to_token.shape[1])
     g = torch.Generator().manual_seed(1)
     print(f"MAGE reference path: prefix {args.prefix}, block {args.block}, k={args.k} (+16 sink, +64 local)")
     print(f"{'step':>4} {'mass captured':>14} {'oracle recall':>14} {'max |err|':>10}")
@@ -70,8 +72,6 @@ def main(argv=None) -> None:
             select_topk(scores, prefix, args.k, 16, 64, req_to_token, rows, sel_slots, sel_lens)
         dense = sparse_block_attention_ref(q, k_buf, v_buf, qo, req_to_token, rows, prefix, all_slots, all_lens, scale, args.block)
         sparse = sparse_block_attention_ref(q, k_buf, v_buf, qo, req_to_token, rows, prefix, sel_slots, sel_lens, scale, args.block)
-        pos_of_slot = torch.empty(req_to_token.shape[1], dtype=torch.long)
-        pos_of_slot[req_to_token[0].long()] = torch.arange(req_to_token.shape[1])
         mass, recall = 0.0, 0.0
         for h in range(hkv):
             chosen = pos_of_slot[sel_slots[0, h, : sel_lens[0, h]].long()]

@@ -87,25 +87,12 @@ class MageAttention:
                 del attn.attend  # back to the class's exact attention
 
 
-@torch.no_grad()
 def decode_with_mage(model, prompts, k: int, sink: int = 4, local: int = 16):
     """decode_answer with MAGE attention; returns (answer block [N, ANSWER_LEN], mean recall of steps >= 2)."""
-    from sglang_mage.model_adapters.schedules import fixed_steps_transfer
+    from .train import decode_answer
 
-    from .model import block_causal_mask
-    from .tasks import ANSWER_LEN, MASK
-
-    n, length = prompts.shape
-    mage = MageAttention(model, length, k, sink, local)
-    block = torch.full((n, ANSWER_LEN), MASK, device=prompts.device)
-    total = length + ANSWER_LEN
-    mask = block_causal_mask(total, model.config.block_size, prompts.device)
+    mage = MageAttention(model, prompts.shape[1], k, sink, local)
     with mage.installed():
-        for step in range(ANSWER_LEN):
-            mage.step = step
-            logits = model(torch.cat([prompts, block], 1), torch.arange(total, device=prompts.device), mask)
-            logits = logits[:, length:]
-            logits[..., MASK] = float("-inf")
-            block = fixed_steps_transfer(block, logits, MASK, ANSWER_LEN - step)
+        block = decode_answer(model, prompts, on_step=lambda step: setattr(mage, "step", step))
     recall = sum(mage.recalls) / len(mage.recalls) if mage.recalls else 1.0
     return block, recall

@@ -51,9 +51,9 @@ def loss_on_answer_block(model, prompts, answers, rng_t: torch.Generator):
 
 
 @torch.no_grad()
-def decode_answer(model, prompts):
+def decode_answer(model, prompts, on_step=None):
     """Greedy block decoding of the answer block: ANSWER_LEN steps, each unmasking the most confident
-    [MASK] (the FixedSteps schedule that the SGLang side runs)."""
+    [MASK] (the FixedSteps schedule that the SGLang side runs). `on_step(step)` runs before each forward."""
     from sglang_mage.model_adapters.schedules import fixed_steps_transfer
 
     n, length = prompts.shape
@@ -61,6 +61,8 @@ def decode_answer(model, prompts):
     total = length + ANSWER_LEN
     mask = block_causal_mask(total, model.config.block_size, prompts.device)
     for step in range(ANSWER_LEN):
+        if on_step is not None:
+            on_step(step)
         logits = model(torch.cat([prompts, block], 1), torch.arange(total, device=prompts.device), mask)[:, length:]
         logits[..., MASK] = float("-inf")
         block = fixed_steps_transfer(block, logits, MASK, ANSWER_LEN - step)
