@@ -5,6 +5,9 @@ Per DLLM_EXTEND forward, `init_forward_metadata` plans the phase once (index_cac
 - FIRST: FlashInfer exact attention that also returns the LSE; from the same q, the paged K and that LSE the
   selection op scores every prefix position per KV head, and the top set goes into the index cache.
 - SPARSE: the Triton kernel attends each block to its cached slots plus its own tokens.
+A forward whose extends span several mask-free prompt blocks (chunked prompt prefill, see
+sglang_mage/chunked_prefill.py) runs block-causal: FlashInfer's causal prefill completed by the
+`later_in_block_merge` Triton op, so it computes what block-by-block prefill computes.
 Other forward modes (none in dLLM serving) fall through to FlashInfer untouched.
 """
 
@@ -21,6 +24,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from . import config as mage_config
 from .hooks import install_slot_free_listener
 from .index_cache import MageIndexCache, Phase, StepPlan
+from .ops.block_causal_prefill import later_in_block_merge
 from .ops.selection import block_mean_scores, select_topk
 from .ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
 from .selectors import VoteSelector
@@ -67,6 +71,7 @@ class MageAttnBackend(FlashInferAttnBackend):
             self.vote = VoteSelector(cfg, num_layers, rows, device)
             install_slot_free_listener(req_to_token_pool, self.vote.invalidate)
         self.plan: StepPlan = StepPlan(Phase.DENSE, "not planned")
+        self.block_causal = False
         self._dump_dir = os.environ.get("SGLANG_MAGE_DUMP_DIR")
         self._dumped = False
         logger.info(
@@ -78,11 +83,21 @@ class MageAttnBackend(FlashInferAttnBackend):
 
     # ---- per forward batch ------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
+        self.block_causal = False
         if not forward_batch.forward_mode.is_dllm_extend():
             self.plan = StepPlan(Phase.DENSE, "not a dLLM forward")
             return super().init_forward_metadata(forward_batch)
         slots = forward_batch.req_pool_indices.tolist()
         prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
+        extend_lens = list(forward_batch.extend_seq_lens_cpu)
+        if extend_lens and max(extend_lens) > self.block_size:
+            self._check_block_aligned(prefix_lens, extend_lens)
+            # Only whole mask-free prompt blocks are chunked, so there is nothing to select or reuse here.
+            self.block_causal = True
+            self.plan = StepPlan(Phase.DENSE, "chunked prompt prefill (block-causal)")
+            self.index_cache.stats.block_causal_forwards += 1
+            self.index_cache.stats.block_causal_tokens += sum(extend_lens)
+            return super().init_forward_metadata(forward_batch)
         self.plan = self.index_cache.plan(
             slots, prefix_lens, lambda: bool((forward_batch.input_ids == self.mask_id).any().item())
         )
@@ -90,6 +105,14 @@ class MageAttnBackend(FlashInferAttnBackend):
             super().init_forward_metadata(forward_batch)
         if self.plan.phase != Phase.DENSE:
             self._build_block_metadata(forward_batch, prefix_lens)
+
+    def _check_block_aligned(self, prefix_lens, extend_lens) -> None:
+        b = self.block_size
+        if any(p % b for p in prefix_lens) or any(n % b for n in extend_lens):
+            raise RuntimeError(
+                f"sglang-mage: a multi-block dLLM extend must start and end on {b}-token block boundaries "
+                f"(prefix lengths {prefix_lens}, extend lengths {extend_lens})"
+            )
 
     def _build_block_metadata(self, forward_batch, prefix_lens: list[int]) -> None:
         device = forward_batch.req_pool_indices.device
@@ -101,6 +124,8 @@ class MageAttnBackend(FlashInferAttnBackend):
 
     # ---- per layer --------------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if self.block_causal:
+            return self._block_causal_extend(q, k, v, layer, forward_batch, save_kv_cache)
         phase = self.plan.phase
         if phase == Phase.DENSE:
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
@@ -152,6 +177,36 @@ class MageAttnBackend(FlashInferAttnBackend):
             if save_kv_cache:
                 self._write_kv(layer, forward_batch, k, v)
         return o, lse
+
+    def _block_causal_extend(self, q, k, v, layer, forward_batch, save_kv_cache):
+        """Block-causal prefill of whole prompt blocks: FlashInfer's causal prefill (every key at or before
+        the query, prefix included) with its LSE, then each query's later same-block keys folded in."""
+        if layer.logit_cap:
+            raise NotImplementedError("sglang-mage chunked prompt prefill does not support logit soft-capping")
+        md = self.forward_metadata
+        paged = md.prefill_wrappers[self._get_wrapper_idx(layer)]
+        q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
+        k3 = k.view(-1, layer.tp_k_head_num, layer.head_dim)
+        v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim)
+        kw = dict(sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap)
+        if md.use_ragged:
+            o, lse = self.prefill_wrapper_ragged.forward_return_lse(q3, k3, v3, causal=True, **kw)
+            if not md.extend_no_prefix:
+                o2, lse2 = paged.forward_return_lse(
+                    q3, self.token_to_kv_pool.get_kv_buffer(layer.layer_id), causal=False, **kw
+                )
+                o, lse = _flashinfer_backend._safe_merge_state(o, lse, o2, lse2)
+            if save_kv_cache:
+                self._write_kv(layer, forward_batch, k, v)
+        else:
+            # The paged plan spans prefix + extend; causal aligns the extend to the end of that range.
+            if save_kv_cache:
+                self._write_kv(layer, forward_batch, k, v)
+            o, lse = paged.forward_return_lse(
+                q3, self.token_to_kv_pool.get_kv_buffer(layer.layer_id), causal=True, **kw
+            )
+        later_in_block_merge(q3, k3, v3, o, lse, self.block_size, layer.scaling)
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _select(self, q3, lse, layer, forward_batch) -> None:
         """`lse` is FlashInfer's, in base 2 (tests/gpu/test_flashinfer_lse.py pins that convention)."""

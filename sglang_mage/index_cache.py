@@ -51,6 +51,9 @@ class MageStats:
     select_layer_calls: int = 0
     slots_invalidated: int = 0
     occupancy: int = 0
+    # Chunked prompt prefill (sglang_mage.chunked_prefill): forwards that held a multi-block extend.
+    block_causal_forwards: int = 0
+    block_causal_tokens: int = 0
 
 
 class MageIndexCache:

@@ -104,3 +104,16 @@ def block_causal_decomposed_ref(q, k, v, chunks, block_size: int, sm_scale: floa
             o, lse = merge_states(o, lse, *_attend(q[s:e], k[:s], v[:s], prefix, scale))
         out[s:e] = o
     return out
+
+
+def later_in_block_merge_ref(q, k, v, o, lse_log2, block_size: int, sm_scale: float):
+    """Reference of `later_in_block_merge`: extend tokens laid out block after block; each query attends
+    to the later tokens of its own block, and that state is merged into (o, lse_log2). Returns fp32
+    (o, lse) with the LSE in base 2, like FlashInfer's."""
+    n = q.shape[0]
+    i = torch.arange(n, device=q.device).view(-1, 1)
+    j = torch.arange(n, device=q.device).view(1, -1)
+    later = (j > i) & (j // block_size == i // block_size)
+    o_b, lse_b = _attend(q, k, v, later, sm_scale)
+    merged, lse = merge_states(o.float(), lse_log2.float() * math.log(2.0), o_b, lse_b)
+    return merged, lse / math.log(2.0)

@@ -68,7 +68,7 @@ def world(monkeypatch):
     batch = SimpleNamespace(
         forward_mode=SimpleNamespace(is_dllm_extend=lambda: True), req_pool_indices=rows,
         extend_prefix_lens_cpu=prefix, extend_prefix_lens=torch.tensor(prefix, dtype=torch.int32),
-        extend_seq_lens=torch.tensor([B, B], dtype=torch.int32), input_ids=torch.full((2 * B,), MASK),
+        extend_seq_lens=torch.tensor([B, B], dtype=torch.int32), extend_seq_lens_cpu=[B, B], input_ids=torch.full((2 * B,), MASK),
         out_cache_loc=None, seq_lens=torch.tensor([p + B for p in prefix]),
     )
     layers = [SimpleNamespace(layer_id=i, tp_q_head_num=HQ, tp_k_head_num=HKV, tp_v_head_num=HKV, head_dim=D,
