@@ -24,6 +24,8 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from . import config as mage_config
 from .hooks import install_slot_free_listener
 from .index_cache import MageIndexCache, Phase, StepPlan
+from .kv_dump import ENV as KV_DUMP_ENV
+from .kv_dump import KVDumper
 from .ops.block_causal_prefill import later_in_block_merge
 from .ops.selection import block_mean_scores, select_topk
 from .ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
@@ -72,6 +74,11 @@ class MageAttnBackend(FlashInferAttnBackend):
             install_slot_free_listener(req_to_token_pool, self.vote.invalidate)
         self.plan: StepPlan = StepPlan(Phase.DENSE, "not planned")
         self.block_causal = False
+        self.kv_dumper = None
+        if os.environ.get(KV_DUMP_ENV):
+            self.kv_dumper = KVDumper(os.environ[KV_DUMP_ENV], self.token_to_kv_pool, req_to_token_pool.req_to_token,
+                                      num_layers)
+            install_slot_free_listener(req_to_token_pool, self.kv_dumper.on_free)
         self._dump_dir = os.environ.get("SGLANG_MAGE_DUMP_DIR")
         self._dumped = False
         logger.info(
@@ -90,6 +97,8 @@ class MageAttnBackend(FlashInferAttnBackend):
         slots = forward_batch.req_pool_indices.tolist()
         prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
         extend_lens = list(forward_batch.extend_seq_lens_cpu)
+        if self.kv_dumper is not None:
+            self.kv_dumper.on_forward(forward_batch)
         if extend_lens and max(extend_lens) > self.block_size:
             self._check_block_aligned(prefix_lens, extend_lens)
             # Only whole mask-free prompt blocks are chunked, so there is nothing to select or reuse here.
