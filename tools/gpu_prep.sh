@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Prepare the GPU host for a run (see ../shared/gpu-host/README.md): install the offline SGLang bundle
+# (.whl), the HTTP-server extras (.whl-extra, tools/gpu_extra_wheels.sh) and this project into /tmp/site,
+# and restore the FlashInfer/Triton compile caches from .cache/fi.tgz. Idempotent on a warm machine.
+# Usage: source tools/gpu_prep.sh   (then: tar czf $OUT/cache.tgz -C ~ .cache/flashinfer .triton/cache)
+if [ ! -f /tmp/sglang-env.sh ] || [ ! -d /tmp/site/sglang ]; then
+  bash .whl/install.sh >/dev/null 2>&1 || { echo "bundle install failed"; return 1 2>/dev/null || exit 1; }
+fi
+. /tmp/sglang-env.sh
+if [ -d .whl-extra ] && [ ! -d /tmp/site/jsonschema ]; then
+  pip install -q --no-deps --no-index --target /tmp/site .whl-extra/*.whl >/dev/null 2>&1
+fi
+pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site --upgrade . >/dev/null 2>&1 \
+  || { echo "project install failed"; return 1 2>/dev/null || exit 1; }
+if [ -f .cache/fi.tgz ] && [ ! -f ~/.cache/flashinfer/.restored ]; then
+  tar xzf .cache/fi.tgz -C ~
+  # tar restores old mtimes; the freshly installed FlashInfer sources are newer, so ninja would rebuild
+  # every cached kernel (~3 min). Make the cached objects newer than the sources.
+  find ~/.cache/flashinfer ~/.triton -exec touch {} + 2>/dev/null
+  touch ~/.cache/flashinfer/.restored
+fi
+echo "gpu_prep: $(python -c 'import torch;print(torch.cuda.get_device_name())') ready"
