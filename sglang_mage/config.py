@@ -45,6 +45,10 @@ class MageConfig:
     # Testing: run every step after the first through the sparse kernel even when the cached set covers
     # the whole prefix (so k >= context proves slot mapping and layout end to end).
     force_sparse: bool = False
+    # Prompt prefill in dLLM mode: tokens of mask-free full prompt blocks one forward may hold (the batch
+    # total). None: SGLang's --chunked-prefill-size (else --max-prefill-tokens). 0: one block per forward,
+    # as upstream. See `resolve_prefill_chunk_tokens` for the rounding and the cap.
+    prefill_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         def need(cond: bool, flag: str, msg: str, value: Any) -> None:
@@ -63,6 +67,11 @@ class MageConfig:
         need(self.vote_max_k <= 65536, "vote-max-k", "must be <= 65536", self.vote_max_k)
         for name in ("sparse_commit", "force_sparse"):
             need(isinstance(getattr(self, name), bool), _flag(name), "must be a boolean", getattr(self, name))
+        chunk = self.prefill_chunk_size
+        need(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool)), "prefill-chunk-size",
+             "must be an integer (0 turns chunked prompt prefill off)", chunk)
+        need(chunk is None or chunk >= 0, "prefill-chunk-size", "must be >= 0 (0 turns chunked prompt prefill off)",
+             chunk)
 
     @property
     def max_selected(self) -> int:
@@ -93,6 +102,28 @@ class MageConfig:
         if not isinstance(values, dict):
             raise MageConfigError(f"{ENV_VAR} must hold a JSON object")
         return values
+
+
+def resolve_prefill_chunk_tokens(cfg: MageConfig | None, server_args: Any, block_size: int) -> int:
+    """Token budget of one chunked dLLM prompt-prefill forward (all requests together); 0 means off.
+
+    An explicit size is capped at `--chunked-prefill-size` when that is set: SGLang's eager runner sizes
+    its static input buffers to max(chunked_prefill_size, max_running_requests x block_size), so a larger
+    forward would not fit them. Without it the buffers span the whole KV pool and `--max-prefill-tokens`
+    is the default budget. The result is a multiple of the block size, and at least one block.
+    """
+    size = None if cfg is None else cfg.prefill_chunk_size
+    if size == 0:
+        return 0
+    cap = getattr(server_args, "chunked_prefill_size", None)
+    cap = cap if cap is not None and cap > 0 else None
+    if size is None:
+        size = cap if cap is not None else getattr(server_args, "max_prefill_tokens", None)
+    elif cap is not None:
+        size = min(size, cap)
+    if size is None or size <= 0:
+        return 0
+    return max(block_size, size // block_size * block_size)
 
 
 def _flag(field_name: str) -> str:
@@ -127,6 +158,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mage-vote-max-k", type=int, default=None, help=f"vote: per-layer budget cap (default {d.vote_max_k}).")
     g.add_argument("--mage-force-sparse", action="store_true", default=None,
                    help="Testing: send every step after the first through the sparse kernel, even when exact.")
+    g.add_argument("--mage-prefill-chunk-size", type=int, default=None,
+                   help="dLLM prompt prefill: tokens of mask-free prompt blocks per forward, rounded down to whole "
+                        "blocks (default: --chunked-prefill-size, else --max-prefill-tokens; capped at "
+                        "--chunked-prefill-size; 0: one block per forward, as SGLang does).")
 
 
 def values_from_namespace(args: argparse.Namespace) -> dict[str, Any]:

@@ -36,7 +36,8 @@ def test_launch_server_help_lists_mage_and_its_flags():
     text = out.stdout
     assert "mage" in text.split("--attention-backend", 1)[1].split("--", 1)[0]
     for flag in ("--mage-k", "--mage-sink-tokens", "--mage-local-window", "--mage-selector", "--mage-min-context",
-                 "--mage-sparse-commit", "--no-mage-sparse-commit", "--mage-vote-min-k", "--mage-force-sparse"):
+                 "--mage-sparse-commit", "--no-mage-sparse-commit", "--mage-vote-min-k", "--mage-force-sparse",
+                 "--mage-prefill-chunk-size"):
         assert flag in text, flag
 
 
@@ -78,13 +79,17 @@ def test_engine_kwargs_and_cli_flags_reach_server_args(model_dir):
     out = run_py(
         SERVER_ARGS
         + f"sa = ServerArgs(model_path={model_dir!r}, attention_backend='mage', dllm_algorithm='LowConfidence',"
-        "               mage_k=64, mage_selector='vote', device='cpu', skip_tokenizer_init=True)\n"
+        "               mage_k=64, mage_selector='vote', mage_prefill_chunk_size=256, device='cpu',"
+        "               skip_tokenizer_init=True)\n"
         "assert sa.attention_backend == 'mage', sa.attention_backend\n"
         "assert sa.mage_config.k == 64 and sa.mage_config.selector == 'vote'\n"
+        "assert sa.mage_config.prefill_chunk_size == 256\n"
         "import pickle; assert pickle.loads(pickle.dumps(sa)).mage_config == sa.mage_config\n"
         f"sa = prepare_server_args(['--model-path', {model_dir!r}, '--attention-backend', 'mage', '--device', 'cpu',"
-        "    '--dllm-algorithm', 'JointThreshold', '--mage-k', '128', '--no-mage-sparse-commit'])\n"
+        "    '--dllm-algorithm', 'JointThreshold', '--mage-k', '128', '--no-mage-sparse-commit',"
+        "    '--mage-prefill-chunk-size', '0'])\n"
         "assert sa.mage_config.k == 128 and sa.mage_config.sparse_commit is False, sa.mage_config\n"
+        "assert sa.mage_config.prefill_chunk_size == 0, sa.mage_config\n"
         "print('OK')\n"
     )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
@@ -96,6 +101,8 @@ def test_engine_kwargs_and_cli_flags_reach_server_args(model_dir):
         ("attention_backend='mage', dllm_algorithm='LowConfidence', mage_k=0", "--mage-k"),
         ("attention_backend='mage', dllm_algorithm='LowConfidence', mage_selector='quest'", "--mage-selector"),
         ("attention_backend='mage', dllm_algorithm='LowConfidence', mage_topk=3", "unknown MAGE option"),
+        ("attention_backend='mage', dllm_algorithm='LowConfidence', mage_prefill_chunk_size=-1",
+         "--mage-prefill-chunk-size"),
         ("attention_backend='mage'", "--dllm-algorithm"),
     ],
 )
