@@ -99,3 +99,32 @@ def when_imported(module_name: str, callback: Callable[[Any], None]) -> None:
         _pending.setdefault(module_name, []).append(callback)
         if _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)
+
+
+def hook_when_imported(module_name: str, target: str, hook: Callable, hook_type: Any) -> None:
+    """Register `hook` on `target` (a dotted path inside `module_name`) with SGLang's `HookRegistry` and
+    patch it right after `module_name`'s first import, so that plugin registration does not import it.
+
+    Only this hook is applied: `HookRegistry.apply_hooks()` would also apply other plugins' pending targets,
+    possibly in the middle of an import chain. If another plugin's hooks on the same target are registered
+    but not applied yet, ours joins them and their pending apply patches all of them at once."""
+
+    def install(_module: Any) -> None:
+        from sglang.srt.plugins.hook_registry import HookRegistry
+
+        hooks = HookRegistry._hooks
+        if any(h is hook for _, h, _ in hooks.get(target, ())):
+            return
+        others_pending = bool(hooks.get(target)) and target not in HookRegistry._patched
+        HookRegistry.register(target, hook, hook_type)
+        if others_pending:
+            return
+        try:
+            HookRegistry._apply_target(target, [hooks[target][-1]])
+            HookRegistry._patched.add(target)
+        except Exception:  # noqa: BLE001 - SGLang's apply_hooks logs and goes on in the same way
+            import logging
+
+            logging.getLogger("sglang_mage").exception("sglang-mage: failed to apply hooks to %s", target)
+
+    when_imported(module_name, install)
