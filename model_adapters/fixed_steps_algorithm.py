@@ -14,11 +14,12 @@ class FixedSteps(DllmAlgorithm):
 
     def run(self, model_runner, forward_batch):
         bs, block = forward_batch.batch_size, self.block_size
-        ids = forward_batch.input_ids.view(bs, block)  # a view: in-place updates reach the next forward
-        masked = ids == self.mask_id
-        if not bool(masked.any()):
+        # Checked before the view: a mask-free batch may hold multi-block prompt chunks (mage chunked prefill).
+        if not bool((forward_batch.input_ids == self.mask_id).any()):
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
             return out.logits_output, [], out.can_run_graph
+        ids = forward_batch.input_ids.view(bs, block)  # a view: in-place updates reach the next forward
+        masked = ids == self.mask_id
         starts = (block - masked.sum(dim=1)).tolist()
         for step in range(self.steps):
             if not bool((ids == self.mask_id).any()):
