@@ -2,7 +2,8 @@
 
 Each hook says why it exists, what upstream code it wraps, and when it can go. All are registered through
 `sglang.srt.plugins.hook_registry.HookRegistry` (no SGLang file is edited), except the per-instance
-`ReqToTokenPool.free` listener, which the backend installs on its own pool object only.
+`ReqToTokenPool.free` listener, which the backend installs on its own pool object only. The scheduler-side
+hooks of chunked prompt prefill are listed in one table in `chunked_prefill.py`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 SGLang calls `register()` in the main process and again in every scheduler process. It is idempotent and
 cheap: it adds the backend name, a lazy factory and the server-argument hooks; the backend module, the
-Triton ops and FlashInfer are imported only when SGLang builds a `mage` backend.
+Triton ops and FlashInfer are imported only when SGLang builds a `mage` backend. Hooks on heavy SGLang modules
+(chunked prefill, the dLLM config, FixedSteps) are applied right after those modules' first import.
 
 SGLang's loader logs and swallows exceptions raised here, so a failure is also remembered and re-raised
 from the factory: asking for `--attention-backend mage` then fails at startup with the reason.
@@ -42,6 +43,7 @@ def register() -> None:
     try:
         from sglang.srt.plugins.hook_registry import HookRegistry
 
+        from .chunked_prefill import register_chunked_prefill_hooks
         from .compat import check_sglang_version
         from .hooks import register_server_args_hooks
         from .model_adapters.registry import install_dllm_config_hook
@@ -49,6 +51,7 @@ def register() -> None:
 
         check_sglang_version()
         register_server_args_hooks()
+        register_chunked_prefill_hooks()
         register_schedules()
         install_dllm_config_hook()
         # Inside SGLang's loader this is repeated right after us; outside it (tests, custom launchers)
