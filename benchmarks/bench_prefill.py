@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -110,6 +111,14 @@ class Attention:
         return o
 
 
+def timed(model, attn, x, method: str, chunk: int, cap_s: float | None, repeats: int):
+    """Per-block: one run (minutes long, capped). Chunked and causal: the best of `repeats` runs."""
+    if method == "per_block":
+        secs, done, _ = prefill(model, attn, x, method, chunk, cap_s)
+        return secs, done
+    return min(prefill(model, attn, x, method, chunk)[0] for _ in range(repeats)), x.shape[0]
+
+
 def prefill(model, attn, x, method: str, chunk: int, cap_s: float | None = None):
     """Run the whole prompt; returns (seconds or None past the cap, tokens done, last-layer outputs)."""
     n_total, b = x.shape[0], model.block
@@ -170,8 +179,13 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=4, help="block size B (SDAR: 4)")
     ap.add_argument("--chunk", type=int, default=8192, help="tokens per chunked forward (SGLang's H100 default)")
     ap.add_argument("--per-block-cap-s", type=float, default=600.0)
+    ap.add_argument("--per-block-max-len", type=int, default=None,
+                    help="do not run per-block above this length (seconds null; recorded in the JSON)")
+    ap.add_argument("--repeats", type=int, default=3, help="chunked / causal: best of this many runs")
     ap.add_argument("--check-len", type=int, default=2048, help="length of the accuracy check (0: skip)")
     ap.add_argument("--out", default="benchmarks/results/prefill.json")
+    ap.add_argument("--merge", action="store_true", help="add to (replace matching rows of) an existing --out")
+    ap.add_argument("--run-label", default="", help="recorded per row in the JSON's `sources`")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_prefill needs a CUDA GPU (FlashInfer); nothing to measure here.", file=sys.stderr)
@@ -192,29 +206,49 @@ def main(argv=None) -> int:
             print(f"[{shape_name}] check: {json.dumps(checks[shape_name])}", flush=True)
         for length in args.lengths:
             for method in args.methods:
-                cap = args.per_block_cap_s if method == "per_block" else None
-                secs, done, _ = prefill(model, attn, x_all[:length], method, args.chunk, cap)
+                if method == "per_block" and args.per_block_max_len and length > args.per_block_max_len:
+                    secs, done = None, 0
+                else:
+                    secs, done = timed(model, attn, x_all[:length], method, args.chunk, args.per_block_cap_s,
+                                       args.repeats)
                 rows.append({"shape": shape_name, "prompt_len": length, "method": method, "seconds": secs})
                 if secs is None:
                     progress.append({"shape": shape_name, "prompt_len": length, "tokens_done": done,
-                                     "cap_s": args.per_block_cap_s})
+                                     "cap_s": args.per_block_cap_s if done else None,
+                                     "run": args.run_label or None})
                 shown = f"{secs:9.3f}" if secs is not None else f"   > cap ({done} tokens done)"
                 print(f"[{shape_name}] L={length:>6} {method:>17}: {shown}", flush=True)
         del model, attn, x_all
         torch.cuda.empty_cache()
-    result = {
-        "environment": environment(),
-        "config": {"shapes": {k: SHAPES[k] for k in args.shapes}, "block": args.block, "chunk": args.chunk,
-                   "per_block_cap_s": args.per_block_cap_s, "dtype": "bfloat16", "page_size": args.block},
-        "rows": rows,
-        "per_block_unfinished": progress,
-        "checks": checks,
-        "summary": summarize(rows),
-    }
+    config = {"shapes": {k: SHAPES[k] for k in args.shapes}, "block": args.block, "chunk": args.chunk,
+              "per_block_cap_s": args.per_block_cap_s, "per_block_max_len": args.per_block_max_len,
+              "repeats": args.repeats, "dtype": "bfloat16", "page_size": args.block}
+    result = {"environment": environment(), "config": config, "runs": {args.run_label: config}, "rows": rows,
+              "sources": [[r["shape"], r["prompt_len"], r["method"], args.run_label] for r in rows],
+              "per_block_unfinished": progress, "checks": checks}
+    if args.merge and os.path.exists(args.out):
+        result = merge(json.load(open(args.out)), result)
+    result["summary"] = summarize(result["rows"])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result["summary"], indent=1))
     return 0
+
+
+def merge(old: dict, new: dict) -> dict:
+    """Rows of `new` replace rows of `old` with the same (shape, prompt_len, method)."""
+    key = lambda r: (r[0], r[1], r[2]) if isinstance(r, list) else (r["shape"], r["prompt_len"], r.get("method"))  # noqa: E731
+    fresh = {key(r) for r in new["rows"]}
+    out = dict(new)
+    out["rows"] = [r for r in old["rows"] if key(r) not in fresh] + new["rows"]
+    out["sources"] = [s for s in old.get("sources", []) if key(s) not in fresh] + new["sources"]
+    out["per_block_unfinished"] = [p for p in old.get("per_block_unfinished", []) if (p["shape"], p["prompt_len"], "per_block") not in fresh] + new["per_block_unfinished"]
+    out["checks"] = {**old.get("checks", {}), **new["checks"]}
+    out["runs"] = {**old.get("runs", {}), **new["runs"]}
+    shapes = {**old["config"]["shapes"], **new["config"]["shapes"]}
+    out["config"] = {**new["config"], "shapes": shapes}
+    out["rows"].sort(key=lambda r: (list(shapes).index(r["shape"]), r["prompt_len"], METHODS.index(r["method"])))
+    return out
 
 
 def summarize(rows) -> dict:

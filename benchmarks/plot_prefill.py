@@ -22,9 +22,10 @@ def main(path: str, out: str | None = None) -> None:
                    if r["shape"] == shape and r["method"] == method and r["seconds"] is not None]
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker=marker, color=color, label=method)
-        for r in res["rows"]:
-            if r["shape"] == shape and r["seconds"] is None:
-                ax.annotate(f"{r['method']}: > {res['config']['per_block_cap_s']:.0f} s", (r["prompt_len"], 1),
+        for u in res.get("per_block_unfinished", []):
+            if u["shape"] == shape:
+                text = f"per_block > {u['cap_s']:.0f} s cap" if u["cap_s"] else "per_block not run"
+                ax.annotate(text, (u["prompt_len"], 1),
                             xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7)
         ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill seconds",
                title=f"{shape} (B={res['config']['block']}, chunk={res['config']['chunk']})")

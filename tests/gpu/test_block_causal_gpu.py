@@ -33,39 +33,42 @@ def test_op_bf16_matches_reference(B, hq, hkv, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [4, 32])
-def test_flashinfer_causal_plus_op_equals_block_by_block(B):
+@pytest.mark.parametrize("cached", [(0, 40, 8), (16, 40, 8)], ids=["one_without_prefix", "all_with_prefix"])
+def test_flashinfer_causal_plus_op_equals_block_by_block(B, cached):
     import flashinfer
 
     hq, hkv, d = 8, 4, 128
     torch.manual_seed(0)
-    # (cached prefix, chunk) per request, both whole blocks; page size B as SGLang's radix cache forces.
-    reqs = [(0, 96 * B), (40 * B, 64 * B), (8 * B, B)]
+    # (cached prefix, chunk) per request, both whole blocks. Like SGLang's FlashInfer backend: a token-slot
+    # KV pool (page size 1), FlashInfer's auto ragged backend and fa2 for the paged pass.
+    reqs = [(c * B, n * B) for c, n in zip(cached, (96, 64, 1))]
     seqs = [[torch.randn(p + n, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv)] for p, n in reqs]
     scale = d**-0.5
-    pages = sum(p // B for p, _ in reqs)
-    k_cache = torch.zeros(pages, B, hkv, d, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.zeros_like(k_cache)
-    kv_indptr, page = [0], 0
+    total_prefix = sum(p for p, _ in reqs)
+    k_pool = torch.zeros(total_prefix, 1, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v_pool = torch.zeros_like(k_pool)
+    kv_indptr = [0]
     for (p, _), (q, k, v) in zip(reqs, seqs):
-        k_cache.view(-1, hkv, d)[page * B: page * B + p] = k[:p]
-        v_cache.view(-1, hkv, d)[page * B: page * B + p] = v[:p]
-        page += p // B
-        kv_indptr.append(page)
+        k_pool[kv_indptr[-1]: kv_indptr[-1] + p, 0] = k[:p]
+        v_pool[kv_indptr[-1]: kv_indptr[-1] + p, 0] = v[:p]
+        kv_indptr.append(kv_indptr[-1] + p)
     qo = torch.tensor([0] + [sum(n for _, n in reqs[: i + 1]) for i in range(len(reqs))], dtype=torch.int32)
     ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
-    ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")
-    paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+    ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend="auto")
+    paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")
     common = dict(sm_scale=scale, q_data_type=torch.bfloat16)
     ragged.plan(qo, qo, hq, hkv, d, causal=True, **common)
-    paged.plan(qo, torch.tensor(kv_indptr, dtype=torch.int32), torch.arange(pages, dtype=torch.int32, device="cuda"),
-               torch.full((len(reqs),), B, dtype=torch.int32), hq, hkv, d, B, causal=False, **common)
+    paged.plan(qo, torch.tensor(kv_indptr, dtype=torch.int32),
+               torch.arange(total_prefix, dtype=torch.int32, device="cuda"),
+               torch.ones(len(reqs), dtype=torch.int32), hq, hkv, d, 1, causal=False, **common)
     q = torch.cat([s[0][p:] for s, (p, _) in zip(seqs, reqs)])
     k = torch.cat([s[1][p:] for s, (p, _) in zip(seqs, reqs)])
     v = torch.cat([s[2][p:] for s, (p, _) in zip(seqs, reqs)])
     o, lse = ragged.run(q, k, v, return_lse=True)
-    o2, lse2 = paged.run(q, (k_cache, v_cache), return_lse=True)
-    # A request without a cached prefix has an empty paged state (lse -inf): merge must keep the ragged one.
-    o, lse = flashinfer.merge_state(o, lse, o2, lse2)
-    later_in_block_merge(q, k, v, o, lse, B, scale)
     ref = torch.cat([block_by_block_ref(*(x.float() for x in s), B, scale)[p:] for s, (p, _) in zip(seqs, reqs)])
+    o2, lse2 = paged.run(q, (k_pool, v_pool), return_lse=True)
+    # A request without a cached prefix has an empty paged state (lse -inf): the merge keeps the ragged one.
+    o, lse = flashinfer.merge_state(o, lse, o2, lse2)
+    assert torch.isfinite(lse).all() and torch.isfinite(o.float()).all(), "merged FlashInfer state not finite"
+    later_in_block_merge(q, k, v, o, lse, B, scale)
     assert_close(o, ref, torch.bfloat16, "block-causal prefill")
