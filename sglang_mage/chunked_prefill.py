@@ -15,7 +15,8 @@ AROUND hooks below. Each calls SGLang's original unchanged unless the server run
 | H4 | `layers.logits_processor.LogitsProcessor._get_dllm_logits` | full-vocab logits for every extend token (and an fp32 copy) are never read on the mask-free fast path: a few GB for an 8K chunk | a batch whose longest extend exceeds B (only an all-mask-free chunked batch) gets an empty `LogitsProcessorOutput` |
 
 Targets are under `sglang.srt.`; each is patched right after its module's first import
-(`compat.hook_when_imported`), as those modules pull in about a thousand others.
+(`compat.hook_when_imported`), as those modules pull in about a thousand others. All four can go once
+SGLang's dLLM scheduler prefills prompts in chunks itself (with block-causal attention).
 
 What the attention side can rely on: a DLLM_EXTEND batch holding any extend longer than B holds no
 mask_id token at all; every request in it starts at a multiple of B (its prefix) and extends by a positive
@@ -135,9 +136,9 @@ def forward_batch_init_new_around(original: Any, cls: Any, batch: Any, model_run
 def init_fill_ids_around(original: Any, self: Any) -> Any:
     previous_fill_len = self.fill_len
     out = original(self)
-    if previous_fill_len and self.dllm_config is not None:
-        if chunk_tokens(_global_server_args(), self.dllm_config.block_size):
-            self.dllm_block_offset = len(self.prefix_indices)
+    if (previous_fill_len and self.dllm_config is not None
+            and chunk_tokens(_global_server_args(), self.dllm_config.block_size)):
+        self.dllm_block_offset = len(self.prefix_indices)
     return out
 
 

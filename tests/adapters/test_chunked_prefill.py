@@ -256,7 +256,7 @@ def test_rounds_for_prompt_lengths_and_chunk_sizes(sglang_env, length, chunk, ex
     trace, _, _ = serve(sglang_env, Args(chunk=chunk), [length], max_new=4)
     assert extends(trace, "r0") == expect
     check_invariants(trace, chunk or 8192)
-    tail = [row for rnd in trace for row in rnd if "M" in row[6]][0]
+    tail = next(row for rnd in trace for row in rnd if "M" in row[6])
     assert tail[2] == length // B * B and tail[6][: length % B] == list(range(PROMPT0 + length // B * B, PROMPT0 + length))
 
 
