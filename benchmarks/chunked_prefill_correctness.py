@@ -57,12 +57,17 @@ def run(model_dir, ids, new_tokens, dump_dir, stats_path, chunk, repeat=False):
 def kv_errors(dump_a, dump_b, ids):
     from sglang_mage.kv_dump import load_dumps
 
+    def find(records, prompt):
+        # A request's first forward may hold only its first block, so a record keeps as few as B head tokens.
+        hits = [r for h, r in records.items() if h and list(h) == prompt[: len(h)]]
+        assert len(hits) == 1, f"{len(hits)} KV records match the prompt of {len(prompt)} tokens"
+        return hits[0]
+
     a, b = load_dumps(dump_a), load_dumps(dump_b)
     rows = []
     for p in ids:
-        key = tuple(p[:16])
         full = len(p) // B * B
-        ra, rb = a[key], b[key]
+        ra, rb = find(a, p), find(b, p)
         row = {"prompt_len": len(p), "compared_positions": full}
         for name in ("k_first", "v_first", "k_last", "v_last"):
             x, y = ra[name][:full].float(), rb[name][:full].float()

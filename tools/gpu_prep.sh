@@ -14,9 +14,13 @@ pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site --up
   || { echo "project install failed"; return 1 2>/dev/null || exit 1; }
 if [ -f .cache/fi.tgz ] && [ ! -f ~/.cache/flashinfer/.restored ]; then
   tar xzf .cache/fi.tgz -C ~
-  # tar restores old mtimes; the freshly installed FlashInfer sources are newer, so ninja would rebuild
-  # every cached kernel (~3 min). Make the cached objects newer than the sources.
-  find ~/.cache/flashinfer ~/.triton -exec touch {} + 2>/dev/null
+  # FlashInfer re-runs ninja on every first use, and ninja rebuilt the restored kernels anyway (~2-3 min).
+  # A module whose .so sits in FlashInfer's AOT directory is loaded without ninja: put the cached ones there.
+  aot=$(python -c 'import flashinfer.jit.env as e; print(e.FLASHINFER_AOT_DIR)' 2>/dev/null)
+  for so in ~/.cache/flashinfer/*/*/cached_ops/*/*.so; do
+    name=$(basename "$(dirname "$so")")
+    [ "$(basename "$so")" = "$name.so" ] && mkdir -p "$aot/$name" && cp "$so" "$aot/$name/"
+  done
   touch ~/.cache/flashinfer/.restored
 fi
 echo "gpu_prep: $(python -c 'import torch;print(torch.cuda.get_device_name())') ready"
