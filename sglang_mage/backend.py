@@ -107,10 +107,14 @@ class MageAttnBackend(FlashInferAttnBackend):
             self.index_cache.stats.block_causal_forwards += 1
             self.index_cache.stats.block_causal_tokens += sum(extend_lens)
             return super().init_forward_metadata(forward_batch)
+        if self.mage.selector == "dense":
+            self.plan = StepPlan(Phase.DENSE, "--mage-selector dense")
+            self.index_cache.stats.dense_forwards += 1
+            return super().init_forward_metadata(forward_batch)
         self.plan = self.index_cache.plan(
             slots, prefix_lens, lambda: bool((forward_batch.input_ids == self.mask_id).any().item())
         )
-        if self.plan.phase != Phase.SPARSE:
+        if self.plan.phase != Phase.SPARSE or self.mage.selector == "oracle":
             super().init_forward_metadata(forward_batch)
         if self.plan.phase != Phase.DENSE:
             self._build_block_metadata(forward_batch, prefix_lens)
@@ -143,7 +147,11 @@ class MageAttnBackend(FlashInferAttnBackend):
             o, lse = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
             self._select(q3, lse, layer, forward_batch)
             return o.view(-1, layer.tp_q_head_num * layer.head_dim)
-        if save_kv_cache and k is not None:
+        if self.mage.selector == "oracle":
+            # This step's own exact attention picks its set (the per-step oracle); that pass writes the KV.
+            _, lse = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
+            self._select(q3, lse, layer, forward_batch)
+        elif save_kv_cache and k is not None:
             self._write_kv(layer, forward_batch, k, v)
         k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)

@@ -16,7 +16,7 @@ import os
 from typing import Any, Mapping
 
 ENV_VAR = "SGLANG_MAGE_CONFIG"
-SELECTORS = ("mean", "vote")
+SELECTORS = ("mean", "vote", "oracle", "dense")
 
 
 class MageConfigError(ValueError):
@@ -32,7 +32,9 @@ class MageConfig:
     # The most recent prefix tokens before the block, always kept.
     local_window: int = 64
     # `mean`: block-average attention probability per KV head (MAGE v2). `vote`: union of per-row top-k,
-    # ranked by votes, with the layer-adaptive budget (MAGE v1).
+    # ranked by votes, with the layer-adaptive budget (MAGE v1). Baselines for accuracy and recall runs:
+    # `oracle` re-selects the `mean` top-k from every step's own exact attention (an exact pass per step, so
+    # slower than dense: it bounds what any first-step selection can reach); `dense` never goes sparse.
     selector: str = "mean"
     # Below this prefix length a request's attention stays exact at every step.
     min_context: int = 2048

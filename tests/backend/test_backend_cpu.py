@@ -131,3 +131,40 @@ def test_slot_free_through_the_pool_empties_the_cache(world):
     for slot in (1, 2):
         w.pool.free(SimpleNamespace(req_pool_idx=slot))
     assert backend.index_cache.occupancy() == 0 and backend.index_cache.lens.sum() == 0
+
+
+def test_oracle_reselects_every_step_from_that_steps_exact_attention(world):
+    w = world
+    cfg = MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0, selector="oracle")
+    backend = w.make(cfg)
+    step(backend, w, torch.randn(2 * B, HQ, D))
+    q2 = torch.randn(2 * B, HQ, D)
+    out2 = step(backend, w, q2)
+    assert backend.plan.phase == Phase.SPARSE
+    # What a first step with q2's queries selects is what the oracle's later step must use.
+    fresh = w.make(cfg)
+    step(fresh, w, q2)
+    rows = w.rows
+    got = backend.index_cache.slots[rows].sort(-1).values
+    want = fresh.index_cache.slots[rows].sort(-1).values
+    assert torch.equal(got, want) and torch.equal(backend.index_cache.lens[rows], fresh.index_cache.lens[rows])
+    assert backend.index_cache.stats.select_layer_calls == 2 * LAYERS
+    qo = torch.tensor([0, B, 2 * B], dtype=torch.int32)
+    for i, o in enumerate(out2):
+        ref = sparse_block_attention_ref(q2, w.k[i], w.v[i], qo, w.r2t, rows, w.batch.extend_prefix_lens,
+                                         backend.index_cache.slots[:, i], backend.index_cache.lens[:, i], w.scale, B)
+        assert torch.allclose(o, ref, atol=1e-4)
+
+
+def test_dense_selector_never_selects_or_goes_sparse(world, monkeypatch):
+    w = world
+    calls = []
+    monkeypatch.setattr(FlashInferAttnBackend, "forward_extend",
+                        lambda self, q, k, v, layer, fb, save_kv_cache=True: calls.append(layer.layer_id) or q)
+    backend = w.make(MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0, selector="dense"))
+    for _ in range(3):
+        step(backend, w, torch.randn(2 * B, HQ, D))
+        assert backend.plan.phase == Phase.DENSE
+    stats = backend.index_cache.stats
+    assert calls == list(range(LAYERS)) * 3
+    assert stats.dense_forwards == 3 and stats.select_layer_calls == 0 and stats.sparse_forwards == 0

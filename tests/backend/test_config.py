@@ -55,7 +55,7 @@ def test_cli_flags_parse_and_validate():
     assert (cfg.k, cfg.selector, cfg.sparse_commit, cfg.force_sparse) == (64, "vote", False, True)
     assert config.values_from_namespace(parser.parse_args([])) == {}
     with pytest.raises(SystemExit):
-        parser.parse_args(["--mage-selector", "oracle"])
+        parser.parse_args(["--mage-selector", "quest"])
 
 
 def test_engine_kwargs_are_popped():
