@@ -28,6 +28,7 @@ from .kv_dump import ENV as KV_DUMP_ENV
 from .kv_dump import KVDumper
 from .ops.block_causal_prefill import later_in_block_merge
 from .ops.selection import block_mean_scores, select_topk
+from .ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
 from .ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
 from .selectors import VoteSelector
 
@@ -74,6 +75,9 @@ class MageAttnBackend(FlashInferAttnBackend):
             install_slot_free_listener(req_to_token_pool, self.vote.invalidate)
         self.plan: StepPlan = StepPlan(Phase.DENSE, "not planned")
         self.block_causal = False
+        # quest: per layer, the page bounds of the current batch's prefixes (valid for its block's steps).
+        self.quest_bounds: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self.batch_key: tuple = ()
         self.kv_dumper = None
         if os.environ.get(KV_DUMP_ENV):
             self.kv_dumper = KVDumper(os.environ[KV_DUMP_ENV], self.token_to_kv_pool, req_to_token_pool.req_to_token,
@@ -97,6 +101,7 @@ class MageAttnBackend(FlashInferAttnBackend):
         slots = forward_batch.req_pool_indices.tolist()
         prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
         extend_lens = list(forward_batch.extend_seq_lens_cpu)
+        self.batch_key = (tuple(slots), tuple(prefix_lens))
         if self.kv_dumper is not None:
             self.kv_dumper.on_forward(forward_batch)
         if extend_lens and max(extend_lens) > self.block_size:
@@ -151,8 +156,11 @@ class MageAttnBackend(FlashInferAttnBackend):
             # This step's own exact attention picks its set (the per-step oracle); that pass writes the KV.
             _, lse = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
             self._select(q3, lse, layer, forward_batch)
-        elif save_kv_cache and k is not None:
-            self._write_kv(layer, forward_batch, k, v)
+        else:
+            if save_kv_cache and k is not None:
+                self._write_kv(layer, forward_batch, k, v)
+            if self.mage.selector == "quest":  # Quest is query-aware: every step re-scores its pages
+                self._select(q3, None, layer, forward_batch)
         k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
         out = torch.empty_like(q3) if layer.v_head_dim == layer.head_dim else q3.new_empty(
@@ -233,7 +241,22 @@ class MageAttnBackend(FlashInferAttnBackend):
         k_buf, _ = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
         req_to_token = self.req_to_token_pool.req_to_token
-        if self.vote is not None:
+        if cfg.selector == "quest":
+            cached = self.quest_bounds.get(layer.layer_id)
+            if self.plan.phase == Phase.FIRST or cached is None or cached[0] != self.batch_key:
+                cached = (self.batch_key, *page_bounds(
+                    k_buf, req_to_token, forward_batch.req_pool_indices, self.prefix_lens, cfg.quest_page_size,
+                    self.max_prefix,
+                ))
+                self.quest_bounds[layer.layer_id] = cached
+            _, kmin, kmax = cached
+            q_mean = block_mean_query(q3, self.qo_indptr, self.num_kv_heads, self.block_size)
+            scores = quest_position_scores(q_mean, kmin, kmax, self.prefix_lens, cfg.quest_page_size, self.max_prefix)
+            select_topk(
+                scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
+                forward_batch.req_pool_indices, sel_slots, sel_lens,
+            )
+        elif self.vote is not None:
             self.vote.select(
                 layer.layer_id, q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices,
                 self.prefix_lens, lse, layer.scaling, self.block_size, self.max_prefix, sel_slots, sel_lens,

@@ -16,7 +16,7 @@ import os
 from typing import Any, Mapping
 
 ENV_VAR = "SGLANG_MAGE_CONFIG"
-SELECTORS = ("mean", "vote", "oracle", "dense")
+SELECTORS = ("mean", "vote", "quest", "oracle", "dense")
 
 
 class MageConfigError(ValueError):
@@ -32,7 +32,8 @@ class MageConfig:
     # The most recent prefix tokens before the block, always kept.
     local_window: int = 64
     # `mean`: block-average attention probability per KV head (MAGE v2). `vote`: union of per-row top-k,
-    # ranked by votes, with the layer-adaptive budget (MAGE v1). Baselines for accuracy and recall runs:
+    # ranked by votes, with the layer-adaptive budget (MAGE v1). `quest`: Quest's page min/max key bounds
+    # scored with the block-mean query, re-selected at every step (ops/selection/quest.py). Baselines:
     # `oracle` re-selects the `mean` top-k from every step's own exact attention (an exact pass per step, so
     # slower than dense: it bounds what any first-step selection can reach); `dense` never goes sparse.
     selector: str = "mean"
@@ -41,6 +42,8 @@ class MageConfig:
     # Whether the commit pass (the forward after the last [MASK] is filled, which writes the final KV)
     # uses the cached indices too. Off keeps the committed KV exactly what dense attention gives.
     sparse_commit: bool = True
+    # `quest` only: positions per logical page of the min/max key bounds.
+    quest_page_size: int = 16
     # `vote` only: per-layer budget floor and cap of the adaptive budget.
     vote_min_k: int = 64
     vote_max_k: int = 2048
@@ -57,7 +60,7 @@ class MageConfig:
             if not cond:
                 raise MageConfigError(f"--mage-{flag}: {msg} (got {value!r})")
 
-        for name in ("k", "sink_tokens", "local_window", "min_context", "vote_min_k", "vote_max_k"):
+        for name in ("k", "sink_tokens", "local_window", "min_context", "vote_min_k", "vote_max_k", "quest_page_size"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool), _flag(name), "must be an integer", value)
         need(1 <= self.k <= 65536, "k", "the budget must be in [1, 65536]", self.k)
@@ -67,6 +70,7 @@ class MageConfig:
         need(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}", self.selector)
         need(1 <= self.vote_min_k <= self.vote_max_k, "vote-min-k", "must be in [1, --mage-vote-max-k]", self.vote_min_k)
         need(self.vote_max_k <= 65536, "vote-max-k", "must be <= 65536", self.vote_max_k)
+        need(1 <= self.quest_page_size <= 1024, "quest-page-size", "must be in [1, 1024]", self.quest_page_size)
         for name in ("sparse_commit", "force_sparse"):
             need(isinstance(getattr(self, name), bool), _flag(name), "must be a boolean", getattr(self, name))
         chunk = self.prefill_chunk_size

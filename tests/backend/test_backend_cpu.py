@@ -168,3 +168,37 @@ def test_dense_selector_never_selects_or_goes_sparse(world, monkeypatch):
     stats = backend.index_cache.stats
     assert calls == list(range(LAYERS)) * 3
     assert stats.dense_forwards == 3 and stats.select_layer_calls == 0 and stats.sparse_forwards == 0
+
+
+def test_quest_rescores_pages_with_every_steps_block_mean_query(world):
+    from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
+
+    w = world
+    cfg = MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0, selector="quest", quest_page_size=4)
+    backend = w.make(cfg)
+    step(backend, w, torch.randn(2 * B, HQ, D))
+    q2 = torch.randn(2 * B, HQ, D) * 3
+    out2 = step(backend, w, q2)
+    assert backend.plan.phase == Phase.SPARSE and backend.index_cache.stats.select_layer_calls == 2 * LAYERS
+    qo = torch.tensor([0, B, 2 * B], dtype=torch.int32)
+    prefix = w.batch.extend_prefix_lens
+    for i, o in enumerate(out2):
+        # The set the later step used: the top pages of q2's bound, plus sinks and the local window.
+        kmin, kmax = page_bounds(w.k[i], w.r2t, w.rows, prefix, 4, max(w.prefix))
+        scores = quest_position_scores(block_mean_query(q2, qo, HKV, B), kmin, kmax, prefix, 4, max(w.prefix))
+        for r, row in enumerate(w.rows.tolist()):
+            n = w.prefix[r]
+            for h in range(HKV):
+                chosen = backend.index_cache.slots[row, i, h, :12].tolist()
+                positions = {w.r2t[row, :n].tolist().index(s) for s in chosen}
+                forced = {0, 1, n - 2, n - 1}
+                rest = scores[r, h, :n].clone()
+                rest[list(forced)] = float("-inf")
+                # Sinks/local are forced; the other 8 positions carry the 8 highest page bounds (compared
+                # by score mass: positions of one page tie).
+                assert forced <= positions and len(positions) == 12
+                got = rest[sorted(positions - forced)].sum()
+                assert torch.isclose(got, torch.topk(rest, 8).values.sum(), rtol=1e-5)
+        ref = sparse_block_attention_ref(q2, w.k[i], w.v[i], qo, w.r2t, w.rows, prefix,
+                                         backend.index_cache.slots[:, i], backend.index_cache.lens[:, i], w.scale, B)
+        assert torch.allclose(o, ref, atol=1e-4)

@@ -27,7 +27,8 @@ def test_defaults():
         ("sink_tokens", -1, "--mage-sink-tokens"),
         ("local_window", -1, "--mage-local-window"),
         ("min_context", -1, "--mage-min-context"),
-        ("selector", "quest", "--mage-selector"),
+        ("selector", "lsh", "--mage-selector"),
+        ("quest_page_size", 0, "--mage-quest-page-size"),
         ("vote_min_k", 0, "--mage-vote-min-k"),
         ("vote_min_k", 4096, "--mage-vote-min-k"),  # above vote_max_k
         ("sparse_commit", "yes", "--mage-sparse-commit"),
@@ -55,7 +56,7 @@ def test_cli_flags_parse_and_validate():
     assert (cfg.k, cfg.selector, cfg.sparse_commit, cfg.force_sparse) == (64, "vote", False, True)
     assert config.values_from_namespace(parser.parse_args([])) == {}
     with pytest.raises(SystemExit):
-        parser.parse_args(["--mage-selector", "quest"])
+        parser.parse_args(["--mage-selector", "lsh"])
 
 
 def test_engine_kwargs_are_popped():
