@@ -99,7 +99,7 @@ def test_engine_kwargs_and_cli_flags_reach_server_args(model_dir):
     "kwargs, message",
     [
         ("attention_backend='mage', dllm_algorithm='LowConfidence', mage_k=0", "--mage-k"),
-        ("attention_backend='mage', dllm_algorithm='LowConfidence', mage_selector='quest'", "--mage-selector"),
+        ("attention_backend='mage', dllm_algorithm='LowConfidence', mage_selector='lsh'", "--mage-selector"),
         ("attention_backend='mage', dllm_algorithm='LowConfidence', mage_topk=3", "unknown MAGE option"),
         ("attention_backend='mage', dllm_algorithm='LowConfidence', mage_prefill_chunk_size=-1",
          "--mage-prefill-chunk-size"),
