@@ -1,0 +1,173 @@
+"""Per-layer attention time of one denoising step: MAGE's sparse kernel, Quest's, FlashInfer dense, the
+PyTorch reference, and the first step (exact + selection) against a plain dense step.
+
+Setup per (shape, context, B, batch): a token-slot KV pool (page size 1, as SGLang's FlashInfer backend
+views it) with shuffled slots, every request at `context` prefix tokens plus one B-token block. Methods:
+  mage_sparse      sparse_block_attention over k + sink + local cached slots (+ the block)
+  quest_sparse     Quest's per-step page scoring (bounds precomputed, block-mean query) + top-k + the kernel
+  flashinfer_dense FlashInfer paged prefill of the block over prefix + block, non-causal (SGLang's dense step)
+  reference        the PyTorch reference of the sparse step (batch 1, k <= 512 only: it is slow)
+  mage_first_step  FlashInfer exact with LSE + block_mean_scores + select_topk (MAGE's first step)
+  dense_step       = flashinfer_dense, listed again as the first step's baseline
+`gbps` is the bytes the method must read (K/V it attends to, bf16; plus the bounds for quest) over its time.
+Writes benchmarks/results/kernels.json (rows {context, k, B, batch, q_heads, kv_heads, head_dim, method, us,
+gbps}) and prints a table. GPU only.
+
+Usage: python benchmarks/bench_kernels.py [--quick] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from roofline import SHAPES  # noqa: E402
+
+SINK, LOCAL, QUEST_PAGE = 16, 64, 16
+
+
+def make_pool(shape, batch, context, B, device="cuda", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    hkv, d = shape.kv_heads, shape.head_dim
+    seq = context + B
+    slots = batch * seq
+    k_buf = torch.randn(slots, hkv, d, generator=g, device=device, dtype=torch.bfloat16)
+    v_buf = torch.randn(slots, hkv, d, generator=g, device=device, dtype=torch.bfloat16)
+    perm = torch.randperm(slots, generator=g, device=device).int()
+    req_to_token = perm.view(batch, seq).contiguous()
+    q = torch.randn(batch * B, shape.q_heads, d, generator=g, device=device, dtype=torch.bfloat16)
+    qo_indptr = torch.arange(0, batch * B + 1, B, dtype=torch.int32, device=device)
+    return dict(k=k_buf, v=v_buf, req_to_token=req_to_token, q=q, qo_indptr=qo_indptr,
+                rows=torch.arange(batch, device=device), prefix=torch.full((batch,), context, dtype=torch.int32,
+                                                                                device=device))
+
+
+class Dense:
+    """FlashInfer's dense dLLM step (and the exact first step with LSE), planned once."""
+
+    def __init__(self, p, shape, B, context):
+        import flashinfer
+
+        batch = p["rows"].numel()
+        ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        self.w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")
+        seq = context + B
+        self.w.plan(p["qo_indptr"].cpu(), torch.arange(0, batch * seq + 1, seq, dtype=torch.int32),
+                    p["req_to_token"].reshape(-1), torch.ones(batch, dtype=torch.int32), shape.q_heads,
+                    shape.kv_heads, shape.head_dim, 1, causal=False, q_data_type=torch.bfloat16,
+                    sm_scale=shape.head_dim**-0.5)
+        self.kv = (p["k"].unsqueeze(1), p["v"].unsqueeze(1))
+
+    def run(self, q, lse=False):
+        return self.w.run(q, self.kv, return_lse=lse)
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100) * 1e3  # microseconds
+
+
+def measure(shape, context, B, batch, ks, with_reference):
+    from sglang_mage.ops.selection import block_mean_scores, select_topk
+    from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
+    from sglang_mage.ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
+    from sglang_mage.ops.sparse_attention import sparse_block_attention_ref
+
+    p = make_pool(shape, batch, context, B)
+    scale = shape.head_dim**-0.5
+    hkv, d, g = shape.kv_heads, shape.head_dim, shape.q_heads // shape.kv_heads
+    dense = Dense(p, shape, B, context)
+    kv_bytes_tok = hkv * d * 2 * 2
+    rows = []
+
+    def row(method, k, us, bytes_read):
+        rows.append({"context": context, "k": k, "B": B, "batch": batch, "q_heads": shape.q_heads,
+                     "kv_heads": hkv, "head_dim": d, "method": method, "us": round(us, 2),
+                     "gbps": round(bytes_read / (us * 1e-6) / 1e9, 1)})
+
+    dense_us = bench(lambda: dense.run(p["q"]))
+    dense_bytes = batch * (context + B) * kv_bytes_tok
+    row("flashinfer_dense", None, dense_us, dense_bytes)
+    row("dense_step", None, dense_us, dense_bytes)
+    _, lse = dense.run(p["q"], lse=True)
+    for k in ks:
+        cap = k + SINK + LOCAL
+        sel_slots = torch.zeros(batch, hkv, cap, dtype=torch.int32, device="cuda")
+        sel_lens = torch.zeros(batch, hkv, dtype=torch.int32, device="cuda")
+
+        def first_step():
+            _, l2 = dense.run(p["q"], lse=True)
+            s = block_mean_scores(p["q"], p["k"], p["qo_indptr"], p["req_to_token"], p["rows"], p["prefix"], l2,
+                                  scale, B, context, lse_is_log2=True)
+            select_topk(s, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens)
+
+        row("mage_first_step", k, bench(first_step), dense_bytes + batch * context * hkv * d * 2)
+        splits = default_num_splits(batch, hkv, g, B, cap, d)
+        ws = alloc_workspace(batch, hkv, B, g, d, splits, "cuda")
+        out = torch.empty_like(p["q"])
+        sparse_args = (p["q"], p["k"], p["v"], p["qo_indptr"], p["req_to_token"], p["rows"], p["prefix"],
+                       sel_slots, sel_lens, scale, B)
+        sparse_bytes = batch * (cap + B) * kv_bytes_tok
+        row("mage_sparse", k, bench(lambda: sparse_block_attention(*sparse_args, out=out, workspace=ws)), sparse_bytes)
+        kmin, kmax = page_bounds(p["k"], p["req_to_token"], p["rows"], p["prefix"], QUEST_PAGE, context)
+
+        def quest_step():
+            qm = block_mean_query(p["q"], p["qo_indptr"], hkv, B)
+            s = quest_position_scores(qm, kmin, kmax, p["prefix"], QUEST_PAGE, context)
+            select_topk(s, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens)
+            sparse_block_attention(*sparse_args, out=out, workspace=ws)
+
+        bounds_bytes = 2 * kmin.numel() * kmin.element_size()
+        row("quest_sparse", k, bench(quest_step), sparse_bytes + bounds_bytes)
+        if with_reference and batch == 1 and k <= 512:
+            row("reference", k, bench(lambda: sparse_block_attention_ref(*sparse_args)), sparse_bytes)
+    del p, dense
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["sdar-1.7b", "fast-dllm-v2-1.5b", "fast-dllm-v2-7b"])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 65536, 131072])
+    ap.add_argument("--ks", nargs="+", type=int, default=[256, 512, 1024, 2048])
+    ap.add_argument("--blocks", nargs="+", type=int, default=[4, 32])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels needs a CUDA GPU; nothing to measure here.", file=sys.stderr)
+        return 2
+    import flashinfer
+    import triton
+
+    rows = []
+    grid = list(itertools.product(args.shapes, args.contexts, args.blocks, args.batches))
+    for i, (name, context, B, batch) in enumerate(grid):
+        got = measure(SHAPES[name], context, B, batch, args.ks, not args.no_reference)
+        rows += got
+        for r in got:
+            print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={str(r['k']):>5} "
+                  f"{r['method']:>16}: {r['us']:9.1f} us {r['gbps']:8.1f} GB/s", flush=True)
+    result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "flashinfer": flashinfer.__version__, "triton": triton.__version__},
+              "config": {"sink": SINK, "local": LOCAL, "quest_page": QUEST_PAGE, "dtype": "bfloat16",
+                         "timer": "triton.testing.do_bench (warmup 25 ms, rep 100 ms), per layer"},
+              "rows": rows}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
