@@ -20,6 +20,10 @@ logger = logging.getLogger("sglang_mage")
 _pending = threading.local()
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager"
+# SGLang runs one dLLM request at a time unless --max-running-requests is given (DllmConfig). With mage the
+# plugin's per-request state is bounded by this, and batching is where sparse steps pay off most.
+DEFAULT_MAX_RUNNING_REQUESTS = 8
 
 
 def add_cli_args_after(result: Any, parser: Any, *args: Any, **kwargs: Any) -> None:
@@ -73,7 +77,27 @@ def handle_dllm_inference_around(original: Any, self: Any) -> Any:
                 "(SGLang would otherwise replace mage by flashinfer); mage steps run eagerly"
             )
             graphs.decode.backend = Backend.DISABLED
+        if getattr(self, "max_running_requests", 0) is None:
+            logger.info(
+                "sglang-mage: --max-running-requests defaults to %d with --attention-backend mage (SGLang's "
+                "dLLM default is 1)", DEFAULT_MAX_RUNNING_REQUESTS,
+            )
+            self.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
     return original(self)
+
+
+def validate_request_around(original: Any, self: Any, obj: Any, input_ids: Any) -> Any:
+    """Why: an empty prompt reaches SGLang's dLLM scheduler as a block of [MASK] at position 0 with no
+    context; reject it per request (HTTP 400 / an exception from `Engine.generate`), before it is queued.
+    Wraps `TokenizerManager._validate_one_request`, whose ValueErrors SGLang already returns to the caller.
+    Only for servers running `--attention-backend mage`."""
+    server_args = getattr(self, "server_args", None)
+    if getattr(server_args, "attention_backend", None) == BACKEND_NAME:
+        if input_ids is not None and len(input_ids) == 0:
+            raise ValueError(
+                "sglang-mage: the prompt is empty; a block-diffusion request needs at least one prompt token"
+            )
+    return original(self, obj, input_ids)
 
 
 def register_server_args_hooks() -> None:
@@ -83,6 +107,11 @@ def register_server_args_hooks() -> None:
     HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", from_cli_args_around, HookType.AROUND)
     HookRegistry.register(f"{SERVER_ARGS}.__init__", server_args_init_around, HookType.AROUND)
     HookRegistry.register(f"{SERVER_ARGS}._handle_dllm_inference", handle_dllm_inference_around, HookType.AROUND)
+    from .compat import hook_when_imported
+
+    # The tokenizer manager pulls in most of SGLang: patch it when SGLang itself imports it.
+    hook_when_imported(TOKENIZER_MANAGER, f"{TOKENIZER_MANAGER}.TokenizerManager._validate_one_request",
+                       validate_request_around, HookType.AROUND)
 
 
 def install_slot_free_listener(req_to_token_pool: Any, on_free: Any) -> None:
