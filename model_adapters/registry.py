@@ -4,37 +4,27 @@ SGLang 0.5.14 hard-codes three architectures with a fixed block size and [MASK] 
 family is an `AdapterSpec`; its block size and mask id come, in this order of precedence, from
 `--dllm-algorithm-config` (YAML keys `block_size`, `mask_id`), the model's config.json (the keys listed in
 the spec), and the family's defaults. `install_dllm_config_hook` makes SGLang's `DllmConfig` use this table.
+The families themselves are defined in sdar.py, llada2.py and fast_dllm_v2.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Optional
+
+from . import fast_dllm_v2, llada2, sdar
+from .spec import AdapterSpec
+
+__all__ = ["ADAPTERS", "AdapterSpec", "UnsupportedArchitectureError", "find_adapter", "resolve_block_params",
+           "supported_architectures", "install_dllm_config_hook"]
 
 
 class UnsupportedArchitectureError(RuntimeError):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
-class AdapterSpec:
-    family: str
-    architectures: tuple[str, ...]
-    block_size: int
-    mask_id: int
-    block_size_keys: tuple[str, ...] = ("block_size", "bd_size")
-    mask_id_keys: tuple[str, ...] = ("mask_token_id", "mask_id")
-
-
-# Families whose SGLang model class exists (SGLang's own); Fast-dLLM v2 joins with its model implementation.
-ADAPTERS: dict[str, AdapterSpec] = {
-    spec.family: spec
-    for spec in (
-        AdapterSpec("sdar", ("SDARForCausalLM",), block_size=4, mask_id=151669),
-        AdapterSpec("sdar-moe", ("SDARMoeForCausalLM",), block_size=4, mask_id=151669),
-        AdapterSpec("llada2-moe", ("LLaDA2MoeModelLM",), block_size=32, mask_id=156895),
-    )
-}
+# One module per family; each exports SPECS. SDAR, SDAR-MoE and LLaDA2-MoE use SGLang's own model classes,
+# Fast-dLLM v2 the plugin's (fast_dllm_v2_model.py).
+ADAPTERS: dict[str, AdapterSpec] = {spec.family: spec for module in (sdar, llada2, fast_dllm_v2) for spec in module.SPECS}
 
 
 def supported_architectures() -> list[str]:
