@@ -3,7 +3,7 @@
 SGLang calls `register()` in the main process and again in every scheduler process. It is idempotent and
 cheap: it adds the backend name, a lazy factory and the server-argument hooks; the backend module, the
 Triton ops and FlashInfer are imported only when SGLang builds a `mage` backend. Hooks on heavy SGLang modules
-(chunked prefill, the dLLM config, FixedSteps) are applied right after those modules' first import.
+(chunked prefill, the dLLM config, FixedSteps, the Fast-dLLM v2 model and algorithm) are applied right after those modules' first import.
 
 SGLang's loader logs and swallows exceptions raised here, so a failure is also remembered and re-raised
 from the factory: asking for `--attention-backend mage` then fails at startup with the reason.
@@ -46,6 +46,7 @@ def register() -> None:
         from .chunked_prefill import register_chunked_prefill_hooks
         from .compat import check_sglang_version
         from .hooks import register_server_args_hooks
+        from .model_adapters.fast_dllm_v2 import register_fast_dllm_v2
         from .model_adapters.registry import install_dllm_config_hook
         from .model_adapters.schedules import register_schedules
 
@@ -54,6 +55,7 @@ def register() -> None:
         register_chunked_prefill_hooks()
         register_schedules()
         install_dllm_config_hook()
+        register_fast_dllm_v2()
         # Inside SGLang's loader this is repeated right after us; outside it (tests, custom launchers)
         # the hooks would otherwise stay unapplied. apply_hooks skips targets it already patched.
         HookRegistry.apply_hooks()
