@@ -27,6 +27,7 @@ from .index_cache import MageIndexCache, Phase, StepPlan
 from .kv_dump import ENV as KV_DUMP_ENV
 from .kv_dump import KVDumper
 from .ops.block_causal_prefill import later_in_block_merge
+from .ops.first_step import fused_first_step
 from .ops.selection import block_mean_scores, select_topk
 from .ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
 from .ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
@@ -148,6 +149,8 @@ class MageAttnBackend(FlashInferAttnBackend):
         if phase == Phase.DENSE:
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
+        if phase == Phase.FIRST and self.mage.selector == "fused":
+            return self._fused_first(q3, k, v, layer, forward_batch, save_kv_cache)
         if phase == Phase.FIRST:
             o, lse = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
             self._select(q3, lse, layer, forward_batch)
@@ -231,6 +234,26 @@ class MageAttnBackend(FlashInferAttnBackend):
                 q3, self.token_to_kv_pool.get_kv_buffer(layer.layer_id), causal=True, **kw
             )
         later_in_block_merge(q3, k3, v3, o, lse, self.block_size, layer.scaling)
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _fused_first(self, q3, k, v, layer, forward_batch, save_kv_cache):
+        """`fused` selector: exact attention and block-mean-query scores in one Triton pass over K."""
+        if save_kv_cache and k is not None:
+            self._write_kv(layer, forward_batch, k, v)
+        k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        req_to_token = self.req_to_token_pool.req_to_token
+        o, scores = fused_first_step(
+            q3, k_buf, v_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
+            layer.scaling, self.block_size, max(self.max_prefix, 1),
+        )
+        if self.max_prefix:
+            cfg = self.mage
+            sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
+            select_topk(
+                scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
+                forward_batch.req_pool_indices, sel_slots, sel_lens,
+            )
+            self.index_cache.stats.select_layer_calls += 1
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _select(self, q3, lse, layer, forward_batch) -> None:

@@ -16,7 +16,7 @@ import os
 from typing import Any, Mapping
 
 ENV_VAR = "SGLANG_MAGE_CONFIG"
-SELECTORS = ("mean", "vote", "quest", "oracle", "dense")
+SELECTORS = ("mean", "vote", "fused", "quest", "oracle", "dense")
 
 
 class MageConfigError(ValueError):
@@ -32,7 +32,8 @@ class MageConfig:
     # The most recent prefix tokens before the block, always kept.
     local_window: int = 64
     # `mean`: block-average attention probability per KV head (MAGE v2). `vote`: union of per-row top-k,
-    # ranked by votes, with the layer-adaptive budget (MAGE v1). `quest`: Quest's page min/max key bounds
+    # ranked by votes, with the layer-adaptive budget (MAGE v1). `fused`: the first step's exact pass also
+    # scores every prefix key by the block-mean query's logit, one pass over K (ops/first_step). `quest`: Quest's page min/max key bounds
     # scored with the block-mean query, re-selected at every step (ops/selection/quest.py). Baselines:
     # `oracle` re-selects the `mean` top-k from every step's own exact attention (an exact pass per step, so
     # slower than dense: it bounds what any first-step selection can reach); `dense` never goes sparse.

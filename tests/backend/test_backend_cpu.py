@@ -202,3 +202,35 @@ def test_quest_rescores_pages_with_every_steps_block_mean_query(world):
         ref = sparse_block_attention_ref(q2, w.k[i], w.v[i], qo, w.r2t, w.rows, prefix,
                                          backend.index_cache.slots[:, i], backend.index_cache.lens[:, i], w.scale, B)
         assert torch.allclose(o, ref, atol=1e-4)
+
+
+def test_fused_first_step_is_exact_and_selects_by_block_mean_query_logits(world):
+    from sglang_mage.ops.first_step import fused_first_step_ref
+
+    w = world
+    backend = w.make(MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0, selector="fused"))
+    q1 = torch.randn(2 * B, HQ, D)
+    out1 = step(backend, w, q1)
+    assert backend.plan.phase == Phase.FIRST
+    qo = torch.tensor([0, B, 2 * B], dtype=torch.int32)
+    prefix = w.batch.extend_prefix_lens
+    for i, o in enumerate(out1):
+        assert torch.allclose(o, exact(q1, w.k[i], w.v[i], w.r2t[w.rows], w.prefix, w.scale)[0], atol=1e-4)
+        _, scores = fused_first_step_ref(q1, w.k[i], w.v[i], qo, w.r2t, w.rows, prefix, w.scale, B, max(w.prefix))
+        for r, row in enumerate(w.rows.tolist()):
+            n = w.prefix[r]
+            for h in range(HKV):
+                chosen = backend.index_cache.slots[row, i, h, :12].tolist()
+                positions = {w.r2t[row, :n].tolist().index(s) for s in chosen}
+                forced = {0, 1, n - 2, n - 1}
+                rest = scores[r, h, :n].clone()
+                rest[list(forced)] = float("-inf")
+                assert forced <= positions and len(positions) == 12
+                assert torch.isclose(rest[sorted(positions - forced)].sum(), torch.topk(rest, 8).values.sum())
+    q2 = torch.randn(2 * B, HQ, D)
+    out2 = step(backend, w, q2)
+    assert backend.plan.phase == Phase.SPARSE
+    for i, o in enumerate(out2):
+        ref = sparse_block_attention_ref(q2, w.k[i], w.v[i], qo, w.r2t, w.rows, prefix,
+                                         backend.index_cache.slots[:, i], backend.index_cache.lens[:, i], w.scale, B)
+        assert torch.allclose(o, ref, atol=1e-4)
