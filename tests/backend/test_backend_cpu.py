@@ -170,6 +170,22 @@ def test_dense_selector_never_selects_or_goes_sparse(world, monkeypatch):
     assert stats.dense_forwards == 3 and stats.select_layer_calls == 0 and stats.sparse_forwards == 0
 
 
+def assert_kept_top_scores(backend, w, layer, scores, k=8, sink=2, local=2):
+    """Layer `layer` of the index cache holds, per request and KV head, the sinks, the local window and the
+    k other positions with the highest `scores` (compared by score mass, since equal scores may tie)."""
+    for r, row in enumerate(w.rows.tolist()):
+        n = w.prefix[r]
+        for h in range(HKV):
+            chosen = backend.index_cache.slots[row, layer, h, : k + sink + local].tolist()
+            positions = {w.r2t[row, :n].tolist().index(s) for s in chosen}
+            forced = set(range(sink)) | set(range(n - local, n))
+            rest = scores[r, h, :n].clone()
+            rest[list(forced)] = float("-inf")
+            assert forced <= positions and len(positions) == k + sink + local
+            got = rest[sorted(positions - forced)].sum()
+            assert torch.isclose(got, torch.topk(rest, k).values.sum(), rtol=1e-5)
+
+
 def test_quest_rescores_pages_with_every_steps_block_mean_query(world):
     from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
 
@@ -186,19 +202,7 @@ def test_quest_rescores_pages_with_every_steps_block_mean_query(world):
         # The set the later step used: the top pages of q2's bound, plus sinks and the local window.
         kmin, kmax = page_bounds(w.k[i], w.r2t, w.rows, prefix, 4, max(w.prefix))
         scores = quest_position_scores(block_mean_query(q2, qo, HKV, B), kmin, kmax, prefix, 4, max(w.prefix))
-        for r, row in enumerate(w.rows.tolist()):
-            n = w.prefix[r]
-            for h in range(HKV):
-                chosen = backend.index_cache.slots[row, i, h, :12].tolist()
-                positions = {w.r2t[row, :n].tolist().index(s) for s in chosen}
-                forced = {0, 1, n - 2, n - 1}
-                rest = scores[r, h, :n].clone()
-                rest[list(forced)] = float("-inf")
-                # Sinks/local are forced; the other 8 positions carry the 8 highest page bounds (compared
-                # by score mass: positions of one page tie).
-                assert forced <= positions and len(positions) == 12
-                got = rest[sorted(positions - forced)].sum()
-                assert torch.isclose(got, torch.topk(rest, 8).values.sum(), rtol=1e-5)
+        assert_kept_top_scores(backend, w, i, scores)
         ref = sparse_block_attention_ref(q2, w.k[i], w.v[i], qo, w.r2t, w.rows, prefix,
                                          backend.index_cache.slots[:, i], backend.index_cache.lens[:, i], w.scale, B)
         assert torch.allclose(o, ref, atol=1e-4)
@@ -217,16 +221,7 @@ def test_fused_first_step_is_exact_and_selects_by_block_mean_query_logits(world)
     for i, o in enumerate(out1):
         assert torch.allclose(o, exact(q1, w.k[i], w.v[i], w.r2t[w.rows], w.prefix, w.scale)[0], atol=1e-4)
         _, scores = fused_first_step_ref(q1, w.k[i], w.v[i], qo, w.r2t, w.rows, prefix, w.scale, B, max(w.prefix))
-        for r, row in enumerate(w.rows.tolist()):
-            n = w.prefix[r]
-            for h in range(HKV):
-                chosen = backend.index_cache.slots[row, i, h, :12].tolist()
-                positions = {w.r2t[row, :n].tolist().index(s) for s in chosen}
-                forced = {0, 1, n - 2, n - 1}
-                rest = scores[r, h, :n].clone()
-                rest[list(forced)] = float("-inf")
-                assert forced <= positions and len(positions) == 12
-                assert torch.isclose(rest[sorted(positions - forced)].sum(), torch.topk(rest, 8).values.sum())
+        assert_kept_top_scores(backend, w, i, scores)
     q2 = torch.randn(2 * B, HQ, D)
     out2 = step(backend, w, q2)
     assert backend.plan.phase == Phase.SPARSE
