@@ -172,10 +172,10 @@ def write_model(root: str, family: str, weights: dict | None) -> str:
     return path
 
 
-def engine_tokens(path: str, backend: str, prompts, max_new: int, **extra):
+def engine_tokens(path: str, backend: str, prompts, max_new: int, algorithm: str = "LowConfidence", **extra):
     import sglang as sgl
 
-    engine = sgl.Engine(model_path=path, dllm_algorithm="LowConfidence", attention_backend=backend,
+    engine = sgl.Engine(model_path=path, dllm_algorithm=algorithm, attention_backend=backend,
                         skip_tokenizer_init=True, max_running_requests=4, disable_cuda_graph=True,
                         load_format="auto" if os.path.exists(os.path.join(path, "model.safetensors")) else "dummy",
                         **extra)
@@ -198,12 +198,17 @@ def check_family(root: str, family: str, max_new: int = 64) -> dict:
     dense_ref = engine_tokens(path, "flashinfer", prompts, max_new)
     row = {"family": family, "greedy_match": mage == dense_ref, "max_abs_logit_err": None,
            "mage_vs_flashinfer": mage == dense_ref}
+    if family == "fast-dllm-v2":  # the family's own sub-block schedule, mage against the dense reference
+        fd = [engine_tokens(path, be, prompts, max_new, algorithm="FastDllmV2", **kw)
+              for be, kw in (("mage", dict(mage_k=64, mage_min_context=0)), ("flashinfer", {}))]
+        row["fast_dllm_v2_schedule_mage_vs_flashinfer"] = fd[0] == fd[1]
     if dense:
         w = {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
         refs = [reference_low_confidence(w, cfg, p, max_new, spec["block"], spec["mask"], qk_norm=spec["qk_norm"],
                                          qkv_bias=spec["qkv_bias"], shift=spec["shift"]) for p in prompts]
         row["reference_vs_flashinfer"] = [r == d[: len(r)] for r, d in zip(refs, dense_ref)]
-        row["greedy_match"] = row["mage_vs_flashinfer"] and all(row["reference_vs_flashinfer"])
+        row["greedy_match"] = (row["mage_vs_flashinfer"] and all(row["reference_vs_flashinfer"])
+                               and row.get("fast_dllm_v2_schedule_mage_vs_flashinfer", True))
         try:  # SDAR's class also wants SGLang's DP-attention state, which the stub setup does not build yet
             row["max_abs_logit_err"] = model_class_logit_err(path, family, w, cfg)
         except Exception as e:  # noqa: BLE001
