@@ -1,0 +1,108 @@
+"""benchmarks/eval_accuracy.py on the CPU: the reference engine end to end on a random model (rows, JSON,
+statistics, plot), checkpoint loading, the SGLang path with a stand-in generate, and the accuracy threshold of
+the shipped checkpoint (skipped only while checkpoints/tiny-sdar-recall/model.safetensors is absent)."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+import eval_accuracy as ea  # noqa: E402
+
+from training.tasks import ANSWER_LEN  # noqa: E402
+
+# The shipped checkpoint's bar on the CPU reference path (context 1024, 24 held-out samples). Chance is
+# |VALUES|^-4, so these only say that the model retrieves and that MAGE at k=128 keeps most of it.
+SHIPPED_MIN_EXACT_ACCURACY = 0.5
+SHIPPED_MIN_MAGE_ACCURACY = 0.4
+SHIPPED_CONTEXT = 1024
+
+
+def test_reference_end_to_end_on_a_random_model(tmp_path):
+    out = tmp_path / "acc.json"
+    logs = []
+    result = ea.main(["--checkpoint", "random", "--contexts", "128", "--samples", "3", "--ks", "8", "16",
+                      "--sink", "4", "--local", "16", "--out", str(out)], log=logs.append)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["rows"] == result["rows"] and on_disk["note"] == ea.RANDOM_NOTE and ea.RANDOM_NOTE in logs
+    rows = on_disk["rows"]
+    assert [(r["method"], r["k"]) for r in rows] == [("exact", None), ("mage", 8), ("mage", 16), ("quest", 8),
+                                                      ("quest", 16), ("oracle", 8), ("oracle", 16)]
+    for r in rows:
+        assert set(ea.ROW_FIELDS) <= set(r) and r["context"] == 128 and r["n"] == 3
+        assert 0.0 <= r["accuracy"] <= 1.0
+        if r["method"] == "exact":
+            assert r["recall"] is None
+        else:
+            assert 0.0 <= r["recall"] <= 1.0 and 0.0 <= r["mass_recall"] <= 1.0
+    assert all(r["recall"] == 1.0 for r in rows if r["method"] == "oracle")
+    stats = on_disk["statistics"]["per_context"]["128"]
+    assert [s["layer"] for s in stats] == list(range(ea.TinyConfig().num_hidden_layers))
+    assert all(0 < s["topk_mass"]["8"] <= s["topk_mass"]["16"] <= 1 for s in stats)
+    assert on_disk["config"]["prompt_lengths"]["128"] % 4 == 0 and on_disk["environment"]["device"] == "cpu"
+    png = tmp_path / "acc.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_checkpoint_written_by_training_loads(tmp_path):
+    from training.model import TinySDAR
+    from training.train import save_checkpoint
+
+    torch.manual_seed(1)
+    model = TinySDAR(ea.TinyConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2))
+    save_checkpoint(model, str(tmp_path), {})
+    loaded = ea.load_model(str(tmp_path))
+    assert loaded.config.hidden_size == 64 and len(loaded.model.layers) == 2
+    w = model.lm_head.weight.to(torch.bfloat16).float()
+    assert torch.equal(loaded.lm_head.weight, w)
+
+
+def test_make_data_is_deterministic_and_block_aligned():
+    a, b = ea.make_data([128, 256], 4, 0, 4), ea.make_data([128, 256], 4, 0, 4)
+    assert all(torch.equal(a[c][0], b[c][0]) for c in a)
+    assert a[256][0].shape[1] % 4 == 0 and a[256][1].shape == (4, ANSWER_LEN)
+    assert not torch.equal(ea.make_data([128], 4, 1, 4)[128][0], a[128][0])
+
+
+def test_sglang_path_with_a_stand_in_generate(tmp_path):
+    data = ea.make_data([128], 4, 0, 4)
+    answers = {tuple(p.tolist()): a.tolist() for p, a in zip(data[128][0], data[128][1])}
+    calls = []
+
+    def generate(kwargs, prompts):  # exact answers everything, mage the first half, quest and oracle nothing
+        calls.append(kwargs)
+        outs = [answers[tuple(p)] for p in prompts]
+        if kwargs["attention_backend"] == "mage":
+            outs = [o if kwargs["mage_selector"] == "mean" and i < 2 else [5] * ANSWER_LEN for i, o in enumerate(outs)]
+        return outs
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"block_size": 4}))
+    res = ea.main(["--engine", "sglang", "--checkpoint", str(ckpt), "--contexts", "128", "--samples", "4", "--ks",
+                   "64", "--out", str(tmp_path / "a.json"), "--sglang-algorithm", "FixedSteps"], generate=generate,
+                  log=lambda *_: None)
+    acc = {r["method"]: r["accuracy"] for r in res["rows"]}
+    assert acc == {"exact": 1.0, "mage": 0.5, "quest": 0.0, "oracle": 0.0}
+    assert all(r["recall"] is None and r["engine"] == "sglang" for r in res["rows"])
+    by = {c.get("mage_selector", "flashinfer"): c for c in calls}
+    assert by["flashinfer"]["attention_backend"] == "flashinfer" and "mage_k" not in by["flashinfer"]
+    assert by["mean"]["mage_k"] == 64 and by["mean"]["mage_min_context"] == 0 and by["quest"]["mage_quest_page_size"] == 16
+    assert all(c["skip_tokenizer_init"] and c["model_path"] == str(ckpt) for c in calls)
+    with open(by["oracle"]["dllm_algorithm_config"]) as f:
+        assert f.read().strip() == f"steps: {ANSWER_LEN}"
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ea.SHIPPED_CHECKPOINT, "model.safetensors")),
+                    reason=f"shipped checkpoint absent: {ea.SHIPPED_CHECKPOINT}/model.safetensors (trained on the GPU)")
+def test_shipped_checkpoint_accuracy(tmp_path):
+    res = ea.main(["--checkpoint", ea.SHIPPED_CHECKPOINT, "--contexts", str(SHIPPED_CONTEXT), "--samples", "24",
+                   "--methods", "exact", "mage", "--ks", "128", "--out", str(tmp_path / "a.json"), "--no-plot"],
+                  log=lambda *_: None)
+    acc = {r["method"]: r["accuracy"] for r in res["rows"]}
+    assert acc["exact"] >= SHIPPED_MIN_EXACT_ACCURACY, res["rows"]
+    assert acc["mage"] >= SHIPPED_MIN_MAGE_ACCURACY, res["rows"]
