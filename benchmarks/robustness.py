@@ -1,0 +1,232 @@
+"""Serving robustness of `--attention-backend mage` through SGLang's HTTP server (GPU).
+
+Starts `launch_server` (tiny dummy-weight SDAR unless --model-path) with $SGLANG_MAGE_STATS_PATH, then:
+1. load: --requests requests of mixed prompt lengths at --concurrency, counting errors; afterwards the
+   index cache's occupancy (slots still holding MAGE indices) must be back to 0;
+2. abort: long requests aborted mid-generation through /abort_request free their cache entries;
+3. determinism: the same prompts twice give identical greedy output;
+4. soak: --soak-seconds of mixed load with random aborts, counting errors.
+Writes benchmarks/results/robustness.json: {requests, concurrency, errors, cache_slots_after, abort_freed,
+deterministic, soak_seconds, soak_errors} plus config and details.
+
+Usage: python benchmarks/robustness.py [--requests 1000] [--concurrency 16] [--soak-seconds 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def post(url: str, body: dict, timeout: float = 600) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def prompt(rng: random.Random, lo: int, hi: int) -> list[int]:
+    return [rng.randrange(100, 150000) for _ in range(rng.randint(lo, hi))]
+
+
+class Client:
+    def __init__(self, base: str):
+        self.base = base
+
+    def generate(self, ids: list[int], max_new: int, rid: str | None = None) -> dict:
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0}}
+        if rid:
+            body["rid"] = rid
+        return post(f"{self.base}/generate", body)
+
+    def abort(self, rid: str) -> None:
+        post(f"{self.base}/abort_request", {"rid": rid}, timeout=30)
+
+
+def run_load(client: Client, n: int, concurrency: int, lens: tuple[int, int], seed: int, progress=None):
+    """n requests at the given concurrency; returns (errors, messages)."""
+    rng = random.Random(seed)
+    jobs = [(prompt(rng, *lens), rng.choice([4, 16, 33])) for _ in range(n)]
+    errors, messages = 0, []
+
+    def one(job):
+        try:
+            out = client.generate(*job)
+            return None if "output_ids" in out else f"no output_ids: {str(out)[:200]}"
+        except Exception as e:  # noqa: BLE001 - every failure is counted
+            return f"{type(e).__name__}: {e}"[:300]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for result in pool.map(one, jobs):
+            if result is not None:
+                errors += 1
+                messages.append(result)
+            if progress is not None:
+                progress.update(1)
+    return errors, messages[:20]
+
+
+def occupancy(stats_path: str) -> int | None:
+    try:
+        with open(stats_path) as f:
+            return json.load(f)["occupancy"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def abort_check(client: Client, stats_path: str, n: int = 4, delay: float = 1.5) -> dict:
+    """Start n long generations, abort each mid-way; the cache must hold no entry afterwards."""
+    rng = random.Random(7)
+    rids = [f"abort-{uuid.uuid4().hex}" for _ in range(n)]
+    results: dict[str, object] = {}
+
+    def long_request(rid):
+        try:
+            results[rid] = client.generate(prompt(rng, 3000, 4000), 2048, rid=rid)
+        except Exception as e:  # noqa: BLE001
+            results[rid] = repr(e)
+
+    threads = [threading.Thread(target=long_request, args=(rid,)) for rid in rids]
+    for t in threads:
+        t.start()
+    time.sleep(delay)
+    for rid in rids:
+        client.abort(rid)
+    for t in threads:
+        t.join(timeout=120)
+    time.sleep(1.0)
+    reasons = [str((r.get("meta_info", {}) if isinstance(r, dict) else {}).get("finish_reason", r))[:120]
+               for r in results.values()]
+    occ = occupancy(stats_path)
+    return {"aborted": n, "finish_reasons": reasons, "occupancy_after": occ, "abort_freed": occ == 0}
+
+
+def soak(client: Client, seconds: float, concurrency: int, seed: int) -> tuple[int, int]:
+    """Mixed load for `seconds`; about one request in ten is aborted shortly after it starts."""
+    rng = random.Random(seed)
+    deadline = time.time() + seconds
+    counts = {"requests": 0, "errors": 0}
+    lock = threading.Lock()
+
+    def worker(wid: int):
+        wrng = random.Random(seed * 100 + wid)
+        while time.time() < deadline:
+            ids, rid = prompt(wrng, 16, 6000), f"soak-{uuid.uuid4().hex}"
+            abort = wrng.random() < 0.1
+            if abort:
+                threading.Timer(0.3, lambda: _quiet(client.abort, rid)).start()
+            try:
+                out = client.generate(ids, wrng.choice([4, 16, 64]), rid=rid)
+                ok = "output_ids" in out
+            except Exception:  # noqa: BLE001
+                ok = abort  # an aborted request may end in an HTTP error; that is not a failure
+            with lock:
+                counts["requests"] += 1
+                counts["errors"] += 0 if ok else 1
+
+    del rng
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts["requests"], counts["errors"]
+
+
+def _quiet(fn, *args):
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - aborting a request that already finished is fine
+        pass
+
+
+def start_server(model_path: str | None, port: int, stats_path: str, log_path: str, extra: list[str]):
+    if model_path is None:
+        sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+        from tiny_model import write
+
+        model_path = write(os.path.join(tempfile.mkdtemp(), "tiny-sdar"))
+        extra = ["--load-format", "dummy", "--skip-tokenizer-init", *extra]
+    env = dict(os.environ, SGLANG_MAGE_STATS_PATH=stats_path)
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--port", str(port),
+           "--dllm-algorithm", "LowConfidence", "--attention-backend", "mage", "--mage-k", "64",
+           "--mage-min-context", "256", *extra]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    for _ in range(900):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return proc
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {log_path}")
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("server did not become healthy in 15 minutes")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=[16, 3000])
+    ap.add_argument("--soak-seconds", type=float, default=300)
+    ap.add_argument("--port", type=int, default=30111)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "robustness.json"))
+    ap.add_argument("server_args", nargs="*", help="extra launch_server flags (after --)")
+    args = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    tmp = tempfile.mkdtemp(prefix="mage-robust-")
+    stats_path, log_path = os.path.join(tmp, "stats.json"), os.path.join(tmp, "server.log")
+    server = start_server(args.model_path, args.port, stats_path, log_path,
+                          ["--max-running-requests", str(args.concurrency), *args.server_args])
+    client = Client(f"http://127.0.0.1:{args.port}")
+    try:
+        with tqdm(total=args.requests, desc="load", unit="req") as bar:
+            errors, messages = run_load(client, args.requests, args.concurrency, tuple(args.prompt_len), 1, bar)
+        time.sleep(1.0)
+        slots_after = occupancy(stats_path)
+        aborts = abort_check(client, stats_path)
+        rng = random.Random(3)
+        same = [prompt(rng, 100, 2000) for _ in range(args.concurrency)]
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            first = list(pool.map(lambda p: client.generate(p, 33)["output_ids"], same))
+            second = list(pool.map(lambda p: client.generate(p, 33)["output_ids"], same))
+        soak_requests, soak_errors = soak(client, args.soak_seconds, args.concurrency, 5)
+        time.sleep(1.0)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    result = {
+        "requests": args.requests, "concurrency": args.concurrency, "errors": errors,
+        "cache_slots_after": slots_after, "abort_freed": aborts["abort_freed"], "deterministic": first == second,
+        "soak_seconds": args.soak_seconds, "soak_errors": soak_errors,
+        "details": {"error_messages": messages, "abort": aborts, "soak_requests": soak_requests,
+                    "cache_slots_after_soak": occupancy(stats_path), "server_log": log_path},
+        "config": {"model": args.model_path or "tiny dummy SDAR", "prompt_len": args.prompt_len,
+                   "mage_k": 64, "mage_min_context": 256, "extra_server_args": args.server_args},
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("details", "config")}, indent=1))
+    ok = (errors == 0 and slots_after == 0 and aborts["abort_freed"] and first == second and soak_errors == 0)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

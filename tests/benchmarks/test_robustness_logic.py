@@ -1,0 +1,49 @@
+"""benchmarks/robustness.py's counting logic with a stand-in client (the HTTP runs need the GPU host)."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+import robustness  # noqa: E402
+
+
+class FakeClient:
+    def __init__(self, fail_every=0):
+        self.n, self.fail_every, self.aborted = 0, fail_every, []
+
+    def generate(self, ids, max_new, rid=None):
+        self.n += 1
+        if self.fail_every and self.n % self.fail_every == 0:
+            raise ConnectionError("boom")
+        return {"output_ids": [1] * max_new, "meta_info": {"finish_reason": {"type": "length"}}}
+
+    def abort(self, rid):
+        self.aborted.append(rid)
+
+
+def test_load_counts_every_failure():
+    errors, messages = robustness.run_load(FakeClient(fail_every=5), 50, 4, (3, 9), seed=0)
+    assert errors == 10 and len(messages) == 10 and messages[0].startswith("ConnectionError")
+    assert robustness.run_load(FakeClient(), 20, 4, (3, 9), seed=0) == (0, [])
+
+
+def test_occupancy_reads_the_stats_file(tmp_path):
+    path = tmp_path / "stats.json"
+    assert robustness.occupancy(str(path)) is None
+    path.write_text(json.dumps({"occupancy": 3}))
+    assert robustness.occupancy(str(path)) == 3
+
+
+def test_abort_check_aborts_every_request_and_reads_occupancy(tmp_path):
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"occupancy": 0}))
+    client = FakeClient()
+    res = robustness.abort_check(client, str(path), n=3, delay=0.01)
+    assert len(client.aborted) == 3 and res["abort_freed"] is True and len(res["finish_reasons"]) == 3
+
+
+def test_soak_runs_until_the_deadline_and_counts_errors():
+    requests, errors = robustness.soak(FakeClient(fail_every=7), 0.3, 2, seed=1)
+    assert requests > 0 and 0 < errors <= requests
