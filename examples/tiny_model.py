@@ -24,12 +24,30 @@ TINY_SDAR = {
 }
 
 
-def write(path: str) -> str:
+def write(path: str, tokenizer: bool = False) -> str:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(TINY_SDAR, f, indent=1)
+    if tokenizer:
+        write_tokenizer(path)
     return path
 
 
+def write_tokenizer(path: str) -> None:
+    """A word-level tokenizer over the whole vocabulary (token i is spelled `<t{i}>`), so that text
+    clients (the frontend language, the OpenAI API) can talk to a dummy-weight model: any id decodes,
+    and a prompt's words that are not `<t{i}>` map to <unk>. Only plumbing can be checked with it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {0: "<unk>", TINY_SDAR["eos_token_id"]: "<|endoftext|>", 151669: "<|MASK|>"}
+    vocab = {specials.get(i, f"<t{i}>"): i for i in range(TINY_SDAR["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(path)
+
+
 if __name__ == "__main__":
-    print(write(sys.argv[1]))
+    print(write(sys.argv[1], tokenizer="--tokenizer" in sys.argv[2:]))
