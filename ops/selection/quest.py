@@ -11,16 +11,77 @@ Pages are `page_size` consecutive prefix positions of a request (logical pages: 
 on where SGLang's allocator put the tokens). Page scores are expanded to positions so that the shared
 top-k op keeps sinks, the local window and whole pages up to the budget.
 
-These are torch ops (gather, amin/amax, a reduction): the bounds read K once per block, at its first step,
-as MAGE's scoring does; each later step reads only the bounds (2 / page_size of K's bytes).
+`page_bounds` is a Triton kernel (`page_bounds_ref` is its PyTorch reference, which materialises the
+gathered prefix and is only for tests): the bounds read K once per block, at its first step, as MAGE's
+scoring does; each later step reads only the bounds (2 / page_size of K's bytes), with torch ops.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _page_bounds_kernel(
+    K, R2T, POOL, PREFIX, KMIN, KMAX,
+    stride_ks, stride_kh, stride_r2t, stride_br, stride_bh, stride_bp, n_pages,
+    PAGE: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGES_PER_PROG: tl.constexpr,
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    pool = tl.load(POOL + r).to(tl.int64)
+    prefix = tl.load(PREFIX + r)
+    offs_t = tl.arange(0, PAGE_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for i in range(PAGES_PER_PROG):
+        page = tl.program_id(2) * PAGES_PER_PROG + i
+        pos = page * PAGE + offs_t
+        t_ok = (offs_t < PAGE) & (pos < prefix)
+        slot = tl.load(R2T + pool * stride_r2t + pos, mask=t_ok, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_ks + h * stride_kh + offs_d[None, :],
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        kmin = tl.min(tl.where(t_ok[:, None], k, float("inf")), axis=0)
+        kmax = tl.max(tl.where(t_ok[:, None], k, float("-inf")), axis=0)
+        any_ok = tl.sum(t_ok.to(tl.int32), axis=0) > 0
+        kmin = tl.where(any_ok, kmin, 0.0)
+        kmax = tl.where(any_ok, kmax, 0.0)
+        out = r * stride_br + h * stride_bh + page * stride_bp + offs_d
+        store_ok = d_ok & (page < n_pages)
+        tl.store(KMIN + out, kmin.to(KMIN.dtype.element_ty), mask=store_ok)
+        tl.store(KMAX + out, kmax.to(KMAX.dtype.element_ty), mask=store_ok)
 
 
 def page_bounds(
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    page_size: int,
+    max_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-wise (min, max) of K per logical page of each request's prefix (see `page_bounds_ref`)."""
+    r, (hkv, d) = req_pool_indices.shape[0], k_buffer.shape[1:]
+    n_pages = -(-max_prefix // page_size)
+    kmin = torch.empty((r, hkv, n_pages, d), dtype=k_buffer.dtype, device=k_buffer.device)
+    kmax = torch.empty_like(kmin)
+    if r * hkv * n_pages == 0:
+        return kmin, kmax
+    per_prog = 8
+    _page_bounds_kernel[(r, hkv, triton.cdiv(n_pages, per_prog))](
+        k_buffer, req_to_token, req_pool_indices, prefix_lens, kmin, kmax,
+        k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0), kmin.stride(0), kmin.stride(1),
+        kmin.stride(2), n_pages,
+        PAGE=page_size, PAGE_PAD=max(16, triton.next_power_of_2(page_size)), HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), PAGES_PER_PROG=per_prog,
+    )
+    return kmin, kmax
+
+
+def page_bounds_ref(
     k_buffer: torch.Tensor,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,

@@ -8,6 +8,7 @@ from sglang_mage.ops.selection import select_topk
 from sglang_mage.ops.selection.quest import (
     block_mean_query,
     page_bounds,
+    page_bounds_ref,
     quest_position_scores,
     quest_scores_ref,
 )
@@ -59,3 +60,15 @@ def test_selection_keeps_the_pages_with_the_highest_bounds():
     best = set(torch.topk(page_bounds_, k // page).indices.tolist())
     chosen = positions[0, 0, : int(lens[0, 0])].tolist()
     assert {p // page for p in chosen} == best and len(chosen) == k
+
+
+@pytest.mark.parametrize("page, D", [(16, 128), (4, 64), (5, 32), (64, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_page_bounds_kernel_matches_reference(page, D, dtype):
+    prefixes = [0, 3, 37, 200]
+    b = make_batch(prefixes, 4, 1, 2, D, dtype, seed=page + D, short_last=False)
+    args = (b["k_buffer"], b["req_to_token"], b["req_pool_indices"], b["prefix_lens"], page, max(prefixes))
+    kmin, kmax = page_bounds(*args)
+    rmin, rmax = page_bounds_ref(*(a.cpu() if torch.is_tensor(a) else a for a in args))
+    # min/max select existing values: equal bit for bit.
+    assert torch.equal(kmin.cpu(), rmin) and torch.equal(kmax.cpu(), rmax)
