@@ -8,10 +8,11 @@ first step reads K once. The ranking criterion differs from `mean` (the logit of
 the mean of the probabilities); `--mage-selector fused` uses it, and the accuracy harness compares the
 recall of both.
 
-One program owns (request, KV head, row tile) and streams all of the request's keys (prefix, then the
-block's own tokens, all through `req_to_token`) with an online softmax. Row tile 0 also writes the scores.
-There is no split over keys yet: at batch 1 the grid is small, so this kernel's speed against FlashInfer
-is for the GPU benchmark to show.
+One program owns (request, KV head, row tile, key split) and streams its share of the request's keys
+(prefix, then the block's own tokens, all through `req_to_token`) with an online softmax; row tile 0 of
+each split also writes that split's scores. Splits over the keys keep a small batch from leaving most SMs
+idle at long context; their partial outputs are merged by LSE with the sparse kernel's merge pass.
+Its speed against FlashInfer is for the GPU benchmark to show.
 """
 
 from __future__ import annotations
@@ -20,27 +21,38 @@ import torch
 import triton
 import triton.language as tl
 
+from ..sparse_attention.kernel import _merge_splits
+
 _LOG2E = 1.4426950408889634
+# About two waves of programs on a 132-SM H100, and no split shorter than this many keys.
+_TARGET_PROGRAMS = 264
+_MIN_KEYS_PER_SPLIT = 512
+_MAX_SPLITS = 64
 
 
 @triton.jit
 def _fused_first_step_kernel(
-    Q, QBAR, K, V, OUT, SCORES, QO_INDPTR, R2T, POOL, PREFIX,
+    Q, QBAR, K, V, OUT, SCORES, QO_INDPTR, R2T, POOL, PREFIX, O_PART, LSE,
     stride_qt, stride_qh, stride_br, stride_bh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_sr, stride_sh, stride_r2t,
-    qk_scale, score_scale, num_m_tiles,
+    stride_pr, stride_ph, stride_ps, stride_pm, stride_lr, stride_lh, stride_ls,
+    qk_scale, score_scale, num_m_tiles, num_splits,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr, DIRECT: tl.constexpr,
 ):
     r = tl.program_id(0)
     h = tl.program_id(1) // num_m_tiles
     mt = tl.program_id(1) % num_m_tiles
+    split = tl.program_id(2)
     q_start = tl.load(QO_INDPTR + r)
     ext_len = tl.load(QO_INDPTR + r + 1) - q_start
     pool = tl.load(POOL + r).to(tl.int64)
     prefix = tl.load(PREFIX + r)
     total = prefix + ext_len
+    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+    key_start = split * chunk
+    key_end = tl.minimum(key_start + chunk, total)
 
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     tok = offs_m // G
@@ -58,9 +70,9 @@ def _fused_first_step_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for n0 in range(0, total, BLOCK_N):
+    for n0 in range(key_start, key_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < total
+        n_ok = offs_n < key_end
         slot = tl.load(R2T + pool * stride_r2t + offs_n, mask=n_ok, other=0).to(tl.int64)
         kt = tl.load(K + slot[None, :] * stride_ks + h * stride_kh + offs_d[:, None],
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
@@ -84,9 +96,18 @@ def _fused_first_step_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    o = acc / l_i[:, None]
-    tl.store(OUT + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-             o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    # An empty split (a short request's trailing splits) publishes O = 0 and LSE = -inf.
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    store_mask = row_ok[:, None] & dv_ok[None, :]
+    if DIRECT:
+        tl.store(OUT + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+                 + offs_dv[None, :], o.to(OUT.dtype.element_ty), mask=store_mask)
+    else:
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        part = r.to(tl.int64) * stride_pr + h * stride_ph + split * stride_ps
+        tl.store(O_PART + part + offs_m[:, None] * stride_pm + offs_dv[None, :], o, mask=store_mask)
+        tl.store(LSE + r.to(tl.int64) * stride_lr + h * stride_lh + split * stride_ls + offs_m, lse, mask=row_ok)
 
 
 def fused_first_step(
@@ -102,6 +123,7 @@ def fused_first_step(
     max_prefix: int,
     out: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each block over its prefix + itself (bidirectional), plus the block-mean query's
     logit (times sm_scale) against every prefix key.
@@ -126,13 +148,34 @@ def fused_first_step(
     rows = block_size * group
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     num_m_tiles = triton.cdiv(rows, block_m)
-    _fused_first_step_kernel[(r, hkv * num_m_tiles)](
+    if num_splits is None:
+        programs = r * hkv * num_m_tiles
+        by_keys = max(1, (max_prefix + block_size) // _MIN_KEYS_PER_SPLIT)
+        num_splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), by_keys, _MAX_SPLITS))
+    direct = num_splits == 1
+    if direct:
+        o_part = lse = out  # unused on this path
+        part_strides, lse_strides = (0, 0, 0, 0), (0, 0, 0)
+    else:
+        o_part = torch.empty((r, hkv, num_splits, rows, dv), dtype=torch.float32, device=q.device)
+        lse = torch.empty((r, hkv, num_splits, rows), dtype=torch.float32, device=q.device)
+        part_strides, lse_strides = o_part.stride()[:4], lse.stride()[:3]
+    block_dv = max(16, triton.next_power_of_2(dv))
+    _fused_first_step_kernel[(r, hkv * num_m_tiles, num_splits)](
         q, qbar, k_buffer, v_buffer, out, scores, qo_indptr, req_to_token, req_pool_indices, prefix_lens,
+        o_part, lse,
         q.stride(0), q.stride(1), qbar.stride(0), qbar.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), out.stride(0), out.stride(1), scores.stride(0), scores.stride(1),
-        req_to_token.stride(0), sm_scale * _LOG2E, sm_scale, num_m_tiles,
+        req_to_token.stride(0), *part_strides, *lse_strides, sm_scale * _LOG2E, sm_scale, num_m_tiles, num_splits,
         G=group, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=block_m, BLOCK_N=64 if max(d, dv) <= 128 else 32,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-        IEEE_DOT=q.dtype == torch.float32,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=block_dv,
+        IEEE_DOT=q.dtype == torch.float32, DIRECT=direct,
     )
+    if not direct:
+        merge_m = min(block_m, 32)
+        merge_tiles = triton.cdiv(rows, merge_m)
+        _merge_splits[(r, hkv * merge_tiles)](
+            out, o_part, lse, qo_indptr, out.stride(0), out.stride(1), *part_strides, *lse_strides,
+            num_splits, merge_tiles, rows, HEAD_DIM_V=dv, G=group, BLOCK_M=merge_m, BLOCK_DV=block_dv,
+        )
     return out, scores

@@ -16,14 +16,15 @@ GRID = list(itertools.product([4, 32], [1, 2, 7], [64, 128], [torch.float32, tor
 
 
 @pytest.mark.parametrize("B, G, D, dtype", GRID)
-def test_matches_reference(B, G, D, dtype):
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_matches_reference(B, G, D, dtype, num_splits):
     b = make_batch(PREFIXES, B, G, 2, D, dtype, seed=B * G + D, short_last=False)
     v_buffer = torch.randn_like(b["k_buffer"])
     args = (b["q"], b["k_buffer"], v_buffer, b["qo_indptr"], b["req_to_token"], b["req_pool_indices"],
             b["prefix_lens"], b["sm_scale"], B, max(PREFIXES))
     out = torch.full_like(b["q"], float("nan"))
     scores = torch.full((len(PREFIXES), 2, max(PREFIXES)), float("nan"), device=b["q"].device)
-    fused_first_step(*args, out=out, scores=scores)
+    fused_first_step(*args, out=out, scores=scores, num_splits=num_splits)
     ref_out, ref_scores = fused_first_step_ref(*(a.cpu() if torch.is_tensor(a) else a for a in args))
     assert_close(out, ref_out, dtype, "out")
     finite = torch.isfinite(ref_scores)
