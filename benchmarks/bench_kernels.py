@@ -7,7 +7,8 @@ views it) with shuffled slots, every request at `context` prefix tokens plus one
   quest_sparse     Quest's per-step page scoring (bounds precomputed, block-mean query) + top-k + the kernel
   flashinfer_dense FlashInfer paged prefill of the block over prefix + block, non-causal (SGLang's dense step)
   reference        the PyTorch reference of the sparse step (batch 1, k <= 512 only: it is slow)
-  mage_first_step  FlashInfer exact with LSE + block_mean_scores + select_topk (MAGE's first step)
+  mage_first_step  FlashInfer exact with LSE + block_mean_scores + select_topk (MAGE's first step, selector
+                   "mean"), and the fused Triton pass + select_topk (selector "fused"); rows carry `selector`
   dense_step       = flashinfer_dense, listed again as the first step's baseline
 `gbps` is the bytes the method must read (K/V it attends to, bf16; plus the bounds for quest) over its time.
 Writes benchmarks/results/kernels.json (rows {context, k, B, batch, q_heads, kv_heads, head_dim, method, us,
@@ -76,6 +77,7 @@ def bench(fn) -> float:
 
 
 def measure(shape, context, B, batch, ks, with_reference):
+    from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.selection import block_mean_scores, select_topk
     from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
     from sglang_mage.ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
@@ -88,10 +90,10 @@ def measure(shape, context, B, batch, ks, with_reference):
     kv_bytes_tok = hkv * d * 2 * 2
     rows = []
 
-    def row(method, k, us, bytes_read):
+    def row(method, k, us, bytes_read, **extra):
         rows.append({"context": context, "k": k, "B": B, "batch": batch, "q_heads": shape.q_heads,
                      "kv_heads": hkv, "head_dim": d, "method": method, "us": round(us, 2),
-                     "gbps": round(bytes_read / (us * 1e-6) / 1e9, 1)})
+                     "gbps": round(bytes_read / (us * 1e-6) / 1e9, 1), **extra})
 
     dense_us = bench(lambda: dense.run(p["q"]))
     dense_bytes = batch * (context + B) * kv_bytes_tok
@@ -109,7 +111,14 @@ def measure(shape, context, B, batch, ks, with_reference):
                                   scale, B, context, lse_is_log2=True)
             select_topk(s, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens)
 
-        row("mage_first_step", k, bench(first_step), dense_bytes + batch * context * hkv * d * 2)
+        row("mage_first_step", k, bench(first_step), dense_bytes + batch * context * hkv * d * 2, selector="mean")
+
+        def fused_step():
+            _, s = fused_first_step(p["q"], p["k"], p["v"], p["qo_indptr"], p["req_to_token"], p["rows"],
+                                    p["prefix"], scale, B, context)
+            select_topk(s, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens)
+
+        row("mage_first_step", k, bench(fused_step), dense_bytes, selector="fused")
         splits = default_num_splits(batch, hkv, g, B, cap, d)
         ws = alloc_workspace(batch, hkv, B, g, d, splits, "cuda")
         out = torch.empty_like(p["q"])
