@@ -36,6 +36,16 @@ from .selectors import VoteSelector
 logger = logging.getLogger("sglang_mage")
 
 
+def rank_head_counts(model_config, attn_tp_size: int) -> tuple[int, int]:
+    """Query and KV heads that one attention-TP rank holds, as SGLang's FlashInfer backend splits them:
+    the index cache, the sparse workspace and every selection are per rank and never cross ranks. With
+    fewer KV heads than ranks, SGLang replicates a KV head on several ranks (get_num_kv_heads)."""
+    tp = max(1, int(attn_tp_size))
+    if model_config.num_attention_heads % tp:
+        raise RuntimeError(f"{model_config.num_attention_heads} attention heads do not split over {tp} ranks")
+    return model_config.num_attention_heads // tp, model_config.get_num_kv_heads(tp)
+
+
 class MageAttnBackend(FlashInferAttnBackend):
     def __init__(self, model_runner, *args, **kwargs):
         super().__init__(model_runner, *args, **kwargs)
@@ -48,11 +58,13 @@ class MageAttnBackend(FlashInferAttnBackend):
         kv_dtype = model_runner.kv_cache_dtype
         if kv_dtype not in (torch.bfloat16, torch.float16):
             raise RuntimeError(f"--attention-backend mage supports bf16/fp16 KV caches, not {kv_dtype}")
+        from sglang.srt.runtime_context import get_parallel
+
         mc = model_runner.model_config
-        tp = max(1, getattr(model_runner, "tp_size", 1))
+        q_heads, kv_heads = rank_head_counts(mc, get_parallel().attn_tp_size)
         self._setup_mage(
-            cfg, self.dllm_config, mc.num_hidden_layers, mc.num_attention_heads // tp, mc.get_num_kv_heads(tp),
-            mc.head_dim, model_runner.req_to_token_pool, model_runner.device,
+            cfg, self.dllm_config, mc.num_hidden_layers, q_heads, kv_heads, mc.head_dim,
+            model_runner.req_to_token_pool, model_runner.device,
         )
 
     def _setup_mage(self, cfg, dllm_config, num_layers, num_q_heads, num_kv_heads, head_dim, req_to_token_pool, device):
