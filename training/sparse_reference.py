@@ -9,7 +9,7 @@ selectors of the `mage` backend, with the same conventions:
 - A set is the sinks, the local window and the top-k other prefix positions by the method's score:
   * `mage`:   block-mean attention probability of step 0 (the `mean` selector), reused at every later step;
   * `quest`:  per-page (page_size positions) channel-wise min/max key bounds scored with the block-mean
-              query, re-selected every step, through sglang_mage.ops.selection.quest's own torch functions;
+              query, re-selected every step, through sglang_mage.ops.selection.quest's torch functions;
   * `oracle`: the `mean` top-k of each step's own exact attention (the per-step oracle).
 - Recall, at every later step, per (request, layer, KV head), against O = the top-k positions outside the
   sinks/local window by that step's exact block-mean probability p:
@@ -40,7 +40,10 @@ def quest_scores(q_block, k_prefix_kv, page_size: int) -> torch.Tensor:
     q_block [N, Hq, B, D] (the block's query rows); k_prefix_kv [N, Hkv, P, D] (the prefix keys per KV head).
     The model's batch becomes requests 0..N-1 of a paged KV buffer holding each prefix contiguously.
     Returns [N, Hkv, P] fp32 (each page's bound repeated over its positions)."""
-    from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
+    from sglang_mage.ops.selection import quest
+
+    # The torch bounds (equal bit for bit to the backend's Triton kernel), so that this runs on the CPU too.
+    page_bounds = getattr(quest, "page_bounds_ref", quest.page_bounds)
 
     n, hq, b, d = q_block.shape
     hkv, p = k_prefix_kv.shape[1], k_prefix_kv.shape[2]
@@ -50,8 +53,8 @@ def quest_scores(q_block, k_prefix_kv, page_size: int) -> torch.Tensor:
     prefix_lens = torch.full((n,), p, dtype=torch.int32)
     kmin, kmax = page_bounds(k_buffer, req_to_token, pool, prefix_lens, page_size, p)
     qo_indptr = torch.arange(n + 1, dtype=torch.int32) * b
-    q_mean = block_mean_query(q_block.permute(0, 2, 1, 3).reshape(n * b, hq, d), qo_indptr, hkv, b)
-    return quest_position_scores(q_mean, kmin, kmax, prefix_lens, page_size, p)
+    q_mean = quest.block_mean_query(q_block.permute(0, 2, 1, 3).reshape(n * b, hq, d), qo_indptr, hkv, b)
+    return quest.quest_position_scores(q_mean, kmin, kmax, prefix_lens, page_size, p)
 
 
 def forced_positions(n_pos: int, sink: int, local: int) -> torch.Tensor:

@@ -106,3 +106,19 @@ def test_step0_statistics(setup):
     for s in sa.stats.values():
         assert 0 < s["topk_mass"][8] < s["topk_mass"][32] <= s["prefix_mass"] <= 1 + 1e-6
         assert s["head_cv"][8] >= 0 and s["vote_layer_score"][32] > s["vote_layer_score"][8] > 0
+
+
+def test_quest_bounds_used_here_equal_the_backend_kernel():
+    """The reference uses the torch page bounds; the backend's Triton kernel (interpreted on the CPU) gives
+    the same bounds on the same paged layout."""
+    from sglang_mage.ops.selection import quest
+
+    if not hasattr(quest, "page_bounds_ref"):
+        pytest.skip("this sglang_mage's page_bounds is the torch version itself")
+    g = torch.Generator().manual_seed(1)
+    n, hkv, p, d, page = 2, 2, 45, 16, 16
+    k_buffer = torch.randn(n * p, hkv, d, generator=g)
+    args = (k_buffer, torch.arange(n * p, dtype=torch.int32).view(n, p), torch.arange(n),
+            torch.full((n,), p, dtype=torch.int32), page, p)
+    for ours, kernel in zip(quest.page_bounds_ref(*args), quest.page_bounds(*args)):
+        assert torch.equal(ours, kernel)
