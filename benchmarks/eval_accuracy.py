@@ -21,7 +21,8 @@ Methods (same sinks / local window / k for all; step 0 of a block is exact for e
 Row fields: accuracy = share of samples whose ANSWER_LEN generated tokens all equal the answer (exact
 match); recall = set recall against the per-step oracle top-k, mass_recall = share of the oracle top-k's
 attention mass held by the set, mass_captured = share of all prefix mass held (definitions in
-training/sparse_reference.py). Recall is measured by the reference engine only (null in sglang rows).
+training/sparse_reference.py). Recall is measured by the reference engine only: null in sglang rows unless
+--recall-from names a reference JSON (those rows then say recall_source: reference).
 `statistics` holds the per-layer top-k mass, its coefficient of variation across KV heads and the vote
 selector's layer score (the inputs of MAGE's layer-adaptive budget), from exact attention's step 0.
 
@@ -196,6 +197,19 @@ def eval_sglang(data, methods, ks, args, generate=generate_sglang, log=print):
     return rows
 
 
+def merge_recall(rows: list[dict], reference_rows: list[dict]) -> int:
+    """Fill the recall fields of sglang rows from reference rows of the same (context, method, k), marking
+    them `recall_source: reference`; returns how many rows were filled."""
+    ref = {(r["context"], r["method"], r["k"]): r for r in reference_rows if r.get("engine") == "reference"}
+    filled = 0
+    for r in rows:
+        match = ref.get((r["context"], r["method"], r["k"]))
+        if match is not None and r["recall"] is None and match["recall"] is not None:
+            r.update({key: match[key] for key in ("recall", "mass_recall", "mass_captured")}, recall_source="reference")
+            filled += 1
+    return filled
+
+
 # ---- output ----------------------------------------------------------------------------------------------
 def environment(args) -> dict:
     try:
@@ -268,6 +282,8 @@ def parse_args(argv=None):
     ap.add_argument("--sglang-algorithm", default="LowConfidence",
                     help="LowConfidence (default), or FixedSteps (ANSWER_LEN steps: the reference's schedule)")
     ap.add_argument("--algorithm-config", default=None, help="YAML for --dllm-algorithm-config")
+    ap.add_argument("--recall-from", default=None,
+                    help="sglang: a reference-engine JSON whose recall fills the rows of the same (context, method, k)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
@@ -293,6 +309,9 @@ def main(argv=None, generate=generate_sglang, log=print) -> dict:
                                      args.batch, log)
     else:
         rows = eval_sglang(data, args.methods, args.ks, args, generate, log)
+        if args.recall_from:
+            with open(args.recall_from) as f:
+                log(f"recall of {merge_recall(rows, json.load(f)['rows'])} rows from {args.recall_from}")
     result = {
         "note": RANDOM_NOTE if args.checkpoint == "random" else None,
         "config": {"engine": args.engine, "checkpoint": args.checkpoint, "contexts": args.contexts,

@@ -97,6 +97,15 @@ def test_sglang_path_with_a_stand_in_generate(tmp_path):
         assert f.read().strip() == f"steps: {ANSWER_LEN}"
 
 
+def test_merge_recall_fills_only_matching_sglang_rows():
+    ref = [{"engine": "reference", "context": 128, "method": "mage", "k": 64, "recall": 0.7, "mass_recall": 0.8,
+            "mass_captured": 0.9}]
+    rows = [{"engine": "sglang", "context": 128, "method": "mage", "k": 64, "recall": None},
+            {"engine": "sglang", "context": 128, "method": "mage", "k": 128, "recall": None}]
+    assert ea.merge_recall(rows, ref) == 1
+    assert rows[0]["recall"] == 0.7 and rows[0]["recall_source"] == "reference" and rows[1]["recall"] is None
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(ea.SHIPPED_CHECKPOINT, "model.safetensors")),
                     reason=f"shipped checkpoint absent: {ea.SHIPPED_CHECKPOINT}/model.safetensors (trained on the GPU)")
 def test_shipped_checkpoint_accuracy(tmp_path):
