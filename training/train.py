@@ -1,6 +1,6 @@
 """Train the tiny block-diffusion model on the synthetic long-context tasks; save an SGLang-loadable checkpoint.
 
-    python -m training.train --out checkpoints/tiny-mage --minutes 10            # GPU
+    python -m training.train --out checkpoints/tiny-sdar-recall --minutes 10            # GPU
     python -m training.train --out /tmp/t --steps 20 --context 64 --device cpu   # smoke
 
 Objective: the block-diffusion loss on the answer block. Prompts are padded to a multiple of the block size,
