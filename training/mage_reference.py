@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .model import attention_override
+
 
 class MageAttention:
     def __init__(self, model, prompt_len: int, k: int, sink: int = 4, local: int = 16):
@@ -77,14 +79,8 @@ class MageAttention:
 
     @contextlib.contextmanager
     def installed(self):
-        layers = [layer.self_attn for layer in self.model.model.layers]
-        for i, attn in enumerate(layers):
-            attn.attend = self.make_attend(i, attn)
-        try:
+        with attention_override(self.model, self.make_attend):
             yield self
-        finally:
-            for attn in layers:
-                del attn.attend  # back to the class's exact attention
 
 
 def decode_with_mage(model, prompts, k: int, sink: int = 4, local: int = 16):

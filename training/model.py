@@ -10,6 +10,7 @@ Attention is given as a boolean mask, so one module serves both:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -156,3 +157,17 @@ def training_mask(n: int, block_size: int, device=None) -> torch.Tensor:
     top = torch.cat([same, earlier], dim=1)
     bottom = torch.cat([torch.zeros(n, n, dtype=torch.bool, device=device), block_causal_mask(n, block_size, device)], 1)
     return torch.cat([top, bottom], dim=0)
+
+
+@contextlib.contextmanager
+def attention_override(model, make_attend):
+    """Replace every layer's `attend` by `make_attend(layer_index, attention_module)` for the duration of the
+    block (the hook the MAGE / sparse references use), then go back to the class's exact attention."""
+    layers = [layer.self_attn for layer in model.model.layers]
+    for i, attn in enumerate(layers):
+        attn.attend = make_attend(i, attn)
+    try:
+        yield
+    finally:
+        for attn in layers:
+            del attn.attend

@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .model import attention_override
+
 METHODS = ("mage", "quest", "oracle")
 
 
@@ -164,14 +166,8 @@ class SparseAttention:
 
     @contextlib.contextmanager
     def installed(self):
-        layers = [layer.self_attn for layer in self.model.model.layers]
-        for i, attn in enumerate(layers):
-            attn.attend = self.make_attend(i, attn)
-        try:
+        with attention_override(self.model, self.make_attend):
             yield self
-        finally:
-            for attn in layers:
-                del attn.attend
 
     def mean_recall(self) -> dict:
         if not self.recalls:
