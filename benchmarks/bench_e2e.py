@@ -27,16 +27,19 @@ sys.path.insert(0, HERE)
 from roofline import SHAPES, roofline_bound  # noqa: E402
 
 # Hugging Face configs at each shape (Qwen2.5 bodies for Fast-dLLM v2, Qwen3 for SDAR); weights are dummy.
-CONFIGS = {
+# Layer and head counts come from roofline.SHAPES, so the bound and the engine describe the same model.
+_HF_BODIES = {
     "fast-dllm-v2-1.5b": dict(architectures=["Fast_dLLM_QwenForCausalLM"], model_type="qwen2", bd_size=32,
-                              hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                              num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+                              hidden_size=1536, intermediate_size=8960, vocab_size=151936),
     "fast-dllm-v2-7b": dict(architectures=["Fast_dLLM_QwenForCausalLM"], model_type="qwen2", bd_size=32,
-                            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                            num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+                            hidden_size=3584, intermediate_size=18944, vocab_size=152064),
     "sdar-1.7b": dict(architectures=["SDARForCausalLM"], model_type="qwen3", block_size=4, hidden_size=2048,
-                      intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                      num_key_value_heads=8, head_dim=128, vocab_size=151936),
+                      intermediate_size=6144, head_dim=128, vocab_size=151936),
+}
+CONFIGS = {
+    name: dict(body, num_hidden_layers=SHAPES[name].layers, num_attention_heads=SHAPES[name].q_heads,
+               num_key_value_heads=SHAPES[name].kv_heads)
+    for name, body in _HF_BODIES.items()
 }
 BLOCK = {"fast-dllm-v2-1.5b": 32, "fast-dllm-v2-7b": 32, "sdar-1.7b": 4}
 BACKENDS = {
