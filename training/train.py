@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -81,34 +82,96 @@ def save_checkpoint(model: TinySDAR, out: str, train_args: dict) -> None:
         json.dump(train_args, f, indent=1)
 
 
+def held_out_accuracy(model, contexts, samples: int, block: int, device, seed: int = 12345) -> dict:
+    """Exact-match accuracy of greedy block decoding per (context, task) on held-out samples (seeds disjoint
+    from training's), exact attention."""
+    out = {}
+    model.eval()
+    for ctx in contexts:
+        prompts, answers, names = padded_batch(random.Random(seed + ctx), samples, ctx, block)
+        got = torch.cat([decode_answer(model, prompts[i:i + 16].to(device)).cpu()
+                         for i in range(0, samples, 16)])
+        correct = (got == answers).all(-1)
+        out[str(ctx)] = {"all": round(float(correct.float().mean()), 4),
+                         **{t: round(float(correct[[i for i, n in enumerate(names) if n == t]].float().mean()), 4)
+                            for t in sorted(set(names))}}
+    model.train()
+    return out
+
+
+def context_for(step_fraction: float, args, rng: random.Random) -> int:
+    """Warm-up on short contexts (a retrieval mechanism forms there in far fewer tokens), then the full mix."""
+    if step_fraction < args.warmup_fraction:
+        return rng.choice(args.warmup_context)
+    return rng.choice(args.context)
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Endless training batches, generated in DataLoader worker processes (sample generation is Python and
+    would otherwise bound the step rate). Each worker has its own seed; the context follows `context_for` on
+    the shared wall clock."""
+
+    def __init__(self, args, block: int, start: float):
+        self.args, self.block, self.start = args, block, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.args.seed * 1009 + (info.id + 1 if info else 0))
+        budget = self.args.minutes * 60
+        while True:
+            ctx = context_for((time.time() - self.start) / budget, self.args, rng)
+            yield (ctx,) + padded_batch(rng, samples_per_step(self.args, ctx), ctx, self.block)[:2]
+
+
+def samples_per_step(args, ctx: int) -> int:
+    if args.tokens_per_step:
+        return max(1, args.tokens_per_step // ctx)
+    return max(1, args.batch * min(args.context) // ctx)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--context", type=int, nargs="+", default=[512, 2048, 8192])
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--warmup-context", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--warmup-fraction", type=float, default=0.0, help="share of the time budget on --warmup-context")
+    ap.add_argument("--batch", type=int, default=8, help="samples per step at the shortest context")
+    ap.add_argument("--tokens-per-step", type=int, default=0,
+                    help="if set, samples per step = tokens-per-step // context (overrides --batch scaling)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--eval-every", type=float, default=0.0, help="seconds between held-out evaluations (0: off)")
+    ap.add_argument("--eval-contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--eval-samples", type=int, default=48)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader processes generating batches (0: inline)")
     args = ap.parse_args(argv)
-    rng, gen = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     cfg = TinyConfig(hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers)
     model = TinySDAR(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    start, history = time.time(), []
+    budget = args.minutes * 60
+    start, history, evals, last_eval = time.time(), [], [], time.time()
+    os.makedirs(args.out, exist_ok=True)
+    log = open(os.path.join(args.out, "train_log.jsonl"), "w")
+    stream = iter(torch.utils.data.DataLoader(BatchStream(args, cfg.block_size, start), batch_size=None,
+                                              num_workers=args.workers, prefetch_factor=4 if args.workers else None))
     for step in range(args.steps):
-        if time.time() - start > args.minutes * 60:
+        elapsed = time.time() - start
+        if elapsed > budget:
             break
-        lr = args.lr * min(1.0, (step + 1) / 200)
+        # Linear warm-up, then cosine decay over the time budget (the step count is not known in advance).
+        lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget))))
         for group in opt.param_groups:
             group["lr"] = lr
-        ctx = rng.choice(args.context)
-        prompts, answers, _ = padded_batch(rng, max(1, args.batch * min(args.context) // ctx), ctx, cfg.block_size)
+        ctx, prompts, answers = next(stream)
+        n = prompts.shape[0]
         with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             loss = loss_on_answer_block(model, prompts.to(args.device), answers.to(args.device), gen)
         opt.zero_grad(set_to_none=True)
@@ -117,9 +180,20 @@ def main(argv=None) -> dict:
         opt.step()
         history.append(loss.item())
         if step % 50 == 0:
-            print(f"step {step} ctx {ctx} loss {loss.item():.3f} ({time.time() - start:.0f}s)", flush=True)
+            print(f"step {step} ctx {ctx} n {n} loss {loss.item():.3f} lr {lr:.2e} ({elapsed:.0f}s)", flush=True)
+            log.write(json.dumps({"step": step, "ctx": ctx, "loss": round(loss.item(), 4), "s": round(elapsed, 1)}) + "\n")
+        if args.eval_every and time.time() - last_eval > args.eval_every:
+            with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+                acc = held_out_accuracy(model, args.eval_contexts, args.eval_samples, cfg.block_size, args.device)
+            evals.append({"step": step, "s": round(time.time() - start, 1), "accuracy": acc})
+            print("EVAL " + json.dumps(evals[-1]), flush=True)
+            log.write(json.dumps(evals[-1]) + "\n")
+            log.flush()
+            last_eval = time.time()
+    log.close()
     train_args = {**vars(args), "config": dataclasses.asdict(cfg), "steps_run": len(history),
-                  "seconds": round(time.time() - start, 1), "final_loss": history[-1] if history else None}
+                  "seconds": round(time.time() - start, 1), "final_loss": history[-1] if history else None,
+                  "evals": evals}
     save_checkpoint(model, args.out, train_args)
     return {"model": model, "history": history, "train_args": train_args}
 

@@ -234,7 +234,7 @@ def test_algorithm_matches_reference_generate(threshold, stop):
 
 
 def test_model_class_on_cpu_matches_reference_forward():
-    out = subprocess.run([sys.executable, os.path.join(HERE, "fast_dllm_v2_cpu_forward.py")],
+    out = subprocess.run([sys.executable, os.path.join(HERE, "model_class_forward.py"), "fast-dllm-v2"],
                          capture_output=True, text=True, timeout=600)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, out.stderr[-3000:]
