@@ -2,9 +2,10 @@
 reference_models.tiny_config at head_dim 128; MoE families with 8 experts) and random weights written to disk
 in the Hugging Face layout, then:
 - max_abs_logit_err: SGLang's model class (the one the engine loads) over a prompt block and a [MASK] block,
-  in bf16, against the pure-PyTorch reference forward (benchmarks/reference_models.py, fp32 on the same
-  bf16-rounded weights). Tolerance: max |err| <= BF16_TOL x max |reference logit|. The same comparison in fp32
-  (`fp32_max_abs_logit_err`, tolerance 1e-3 x max |logit|) isolates the architecture from bf16 rounding.
+  in bf16 with SGLang's CUDA kernels (its RMSNorm and fused q/k-norm kernels take bf16 only), against the
+  pure-PyTorch reference forward (benchmarks/reference_models.py, fp32 on the same bf16-rounded weights).
+  Tolerance: max |err| <= BF16_TOL x max |reference logit|. The same comparison in fp32, which isolates the
+  architecture from bf16 rounding, runs on the CPU in CI (tests/adapters/test_model_classes.py, <= 1e-4).
 - greedy_match: `sgl.Engine` with `--attention-backend mage` (k=64 + 16 sinks + 64 local >= every context
   here, `--mage-min-context 0`, so every later step runs the sparse kernel over the whole prefix) gives the
   same greedy tokens as with `flashinfer`, LowConfidence; Fast-dLLM v2 also under its own FastDllmV2 schedule.
@@ -35,7 +36,7 @@ from reference_models import BLOCK_MASK, LAYOUTS, random_weights, reference_forw
 
 ARCH = {"sdar": ("SDARForCausalLM", "qwen3"), "fast-dllm-v2": ("Fast_dLLM_QwenForCausalLM", "qwen2"),
         "sdar-moe": ("SDARMoeForCausalLM", "qwen3_moe"), "llada2-moe": ("LLaDA2MoeModelLM", "llada2_moe")}
-BF16_TOL, FP32_TOL = 0.02, 1e-3
+BF16_TOL = 0.02
 GPU_SHAPE = dict(hidden_size=256, head_dim=128)  # FlashInfer kernels are compiled per head_dim: share 128
 MAGE = dict(mage_k=64, mage_min_context=0)
 
@@ -111,12 +112,13 @@ def check_family(root: str, family: str, max_new: int = 64) -> dict:
     weights = random_weights(cfg, family)
     row: dict = {"family": family, "architecture": ARCH[family][0], "block_size": block, "config": cfg}
     t0 = time.time()
-    bf16 = model_class_errors(family, cfg, "bf16")
-    fp32 = model_class_errors(family, cfg, "fp32")
-    row.update(max_abs_logit_err=bf16["max_abs_err"], logit_scale=bf16["scale"],
-               logit_err_within_tol=bf16["max_abs_err"] <= BF16_TOL * bf16["scale"],
-               bf16_argmax_agreement=bf16["argmax_agreement"], fp32_max_abs_logit_err=fp32["max_abs_err"],
-               fp32_within_tol=fp32["max_abs_err"] <= FP32_TOL * fp32["scale"], unloaded_params=bf16["unloaded"])
+    try:
+        bf16 = model_class_errors(family, cfg, "bf16")
+        row.update(max_abs_logit_err=bf16["max_abs_err"], logit_scale=bf16["scale"],
+                   logit_err_within_tol=bf16["max_abs_err"] <= BF16_TOL * bf16["scale"],
+                   bf16_argmax_agreement=bf16["argmax_agreement"], unloaded_params=bf16["unloaded"])
+    except Exception as e:  # noqa: BLE001 - the engine checks below still run
+        row.update(max_abs_logit_err=None, logit_err_within_tol=False, logit_error=repr(e)[-1500:])
     path = write_model(root, family, cfg, weights)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(100, 150000, (n,), generator=g).tolist() for n in (5, block * 2 + 3)]
@@ -146,8 +148,7 @@ def main():
     rows: list[dict] = []
     result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "sglang": sglang.__version__},
-              "tolerances": {"bf16": f"max_abs_logit_err <= {BF16_TOL} x max |reference logit|",
-                             "fp32": f"<= {FP32_TOL} x max |reference logit|"},
+              "tolerances": {"bf16": f"max_abs_logit_err <= {BF16_TOL} x max |reference logit|"},
               "engine": {"algorithm": "LowConfidence (+ FastDllmV2 for fast-dllm-v2)", "mage": MAGE,
                          "max_new_tokens": 64, "disable_cuda_graph": True},
               "rows": rows}
@@ -161,10 +162,10 @@ def main():
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), flush=True)
             with open(args.out, "w") as f:  # after every family: a run cut short keeps what it measured
                 json.dump(result, f, indent=1)
-    print(f"{'family':>13} {'max_abs_logit_err':>18} {'scale':>7} {'fp32 err':>9} {'greedy_match':>12}")
+    print(f"{'family':>13} {'max_abs_logit_err':>18} {'scale':>7} {'greedy_match':>12}")
     for r in rows:
         print(f"{r['family']:>13} {str(r.get('max_abs_logit_err')):>18.10} {str(r.get('logit_scale')):>7.5} "
-              f"{str(r.get('fp32_max_abs_logit_err')):>9.8} {str(r['greedy_match']):>12}")
+              f"{str(r['greedy_match']):>12}")
     return 0 if all(r["greedy_match"] and r.get("logit_err_within_tol") for r in rows) else 1
 
 

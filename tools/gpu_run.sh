@@ -13,9 +13,12 @@
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 R=$OUT/r
+CKPT=${CKPT:-/tmp/ckpt/tiny-sdar-recall}
 mkdir -p "$R"
 t0=$(date +%s)
 stamp() { echo "[gpu_run +$(( $(date +%s) - t0 ))s] $*" | tee -a "$R/gpu_run.log"; }
+# Packed after every job: a call cut off at the device's time limit still brings back what finished.
+pack() { [ -d "$CKPT" ] && rm -rf "$R/checkpoint" && cp -r "$CKPT" "$R/checkpoint"; tar czf "$OUT/results.tgz" -C "$OUT" r; }
 source tools/gpu_prep.sh > "$R/prep.log" 2>&1 || { cat "$R/prep.log"; exit 1; }
 python - > "$R/environment.txt" 2>&1 <<'PY'
 import torch, triton, flashinfer, sglang, transformers
@@ -24,7 +27,6 @@ print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton
 PY
 stamp "prep done: $(cat "$R/environment.txt" | tail -1)"
 export PYTHONUNBUFFERED=1
-CKPT=${CKPT:-/tmp/ckpt/tiny-sdar-recall}
 train_pid=""
 for job in "$@"; do
   stamp "start $job"
@@ -54,9 +56,8 @@ for job in "$@"; do
     *) stamp "unknown job $job" ;;
   esac
   stamp "end $job"
+  pack
 done
-[ -d "$CKPT" ] && cp -r "$CKPT" "$R/checkpoint"
-tar czf "$OUT/results.tgz" -C "$OUT" r
-tar czf "$OUT/cache.tgz" -C ~ .cache/flashinfer .triton/cache 2>/dev/null
+[ -z "${NO_CACHE_OUT:-}" ] && tar czf "$OUT/cache.tgz" -C ~ .cache/flashinfer .triton/cache 2>/dev/null
 ls -la "$OUT"
 stamp "done"

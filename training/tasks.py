@@ -28,6 +28,8 @@ class Sample:
     task: str
     prompt: list[int]
     answer: list[int]
+    # Every question the body answers, as (query key tokens, answer): training asks several per sequence.
+    queries: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
 
 
 def _distinct(rng: random.Random, pool: range, n: int, width: int) -> list[tuple[int, ...]]:
@@ -53,7 +55,8 @@ def needle(rng: random.Random, context_len: int, num_needles: int = 8) -> Sample
     for n, at in zip(needles, sorted((rng.randrange(body_len + 1) for _ in needles), reverse=True)):
         body[at:at] = n
     target = rng.randrange(num_needles)
-    return Sample("needle", [BOS, *body, QUERY, *keys[target], ANSWER], list(values[target]))
+    return Sample("needle", [BOS, *body, QUERY, *keys[target], ANSWER], list(values[target]),
+                  tuple(zip(keys, values)))
 
 
 def recall(rng: random.Random, context_len: int) -> Sample:
@@ -64,7 +67,8 @@ def recall(rng: random.Random, context_len: int) -> Sample:
     values = _distinct(rng, VALUES, len(keys), ANSWER_LEN)
     body = [tok for k, v in zip(keys, values) for tok in (*k, *v)]
     target = rng.randrange(len(keys))
-    return Sample("recall", [BOS, *body, QUERY, *keys[target], ANSWER], list(values[target]))
+    return Sample("recall", [BOS, *body, QUERY, *keys[target], ANSWER], list(values[target]),
+                  tuple(zip(keys, values)))
 
 
 def variables(rng: random.Random, context_len: int, chain: int = 2, max_chains: int = 4) -> Sample:
@@ -99,7 +103,9 @@ def variables(rng: random.Random, context_len: int, chain: int = 2, max_chains: 
         last = gap
     body += filler[last:]
     target = rng.randrange(chains)
-    return Sample("variables", [BOS, *body, QUERY, *names[target * chain + chain - 1], ANSWER], list(roots[target]))
+    last = [names[c * chain + chain - 1] for c in range(chains)]
+    return Sample("variables", [BOS, *body, QUERY, *last[target], ANSWER], list(roots[target]),
+                  tuple(zip(last, roots)))
 
 
 GENERATORS = {"needle": needle, "recall": recall, "variables": variables}
@@ -111,6 +117,12 @@ def make_sample(task: str, context_len: int, rng: random.Random) -> Sample:
     if context_len < 64:
         raise ValueError(f"context_len must be >= 64 (got {context_len})")
     return GENERATORS[task](rng, context_len)
+
+
+def query_group(key) -> list[int]:
+    """QUERY key ANSWER, left-padded with one filler token to 4 tokens (one block) for 1-token keys."""
+    group = [QUERY, *key, ANSWER]
+    return [FILLER[0]] * (ANSWER_LEN - len(group)) + group
 
 
 def solve(sample: Sample) -> list[int]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import TinyConfig, TinySDAR, block_causal_mask
-from .tasks import ANSWER_LEN, FILLER, MASK, TASKS, make_sample
+from .tasks import ANSWER_LEN, FILLER, MASK, QUERY, TASKS, make_sample, query_group
 
 
 def padded_batch(rng: random.Random, batch: int, context_len: int, block: int, tasks=TASKS):
@@ -34,6 +34,60 @@ def padded_batch(rng: random.Random, batch: int, context_len: int, block: int, t
     prompts = [[s.prompt[0], *(rng.choice(FILLER) for _ in range(length - len(s.prompt))), *s.prompt[1:]]
                for s in samples]
     return torch.tensor(prompts), torch.tensor([s.answer for s in samples]), [s.task for s in samples]
+
+
+def multi_query_batch(rng: random.Random, batch: int, context_len: int, block: int, queries: int, tasks=TASKS):
+    """Sequences that ask up to `queries` questions of one body: [BOS, filler..., body, (Q_1, A_1), ...,
+    (Q_m, A_m)], each Q a 4-token QUERY key ANSWER group and each A its 4-token answer, so every A fills one
+    block; the first group is exactly the single question an evaluation prompt ends with. Returns clean
+    sequences [N, L], the answer blocks' start positions [m] (shared by the batch) and the answers [N, m, 4]."""
+    samples = [make_sample(rng.choice(tasks), context_len, rng) for _ in range(batch)]
+    m = max(1, min(queries, *(len(s.queries) for s in samples)))
+    bodies = [s.prompt[:s.prompt.index(QUERY) - (1 if len(s.queries[0][0]) == 1 else 0)] for s in samples]
+    prefix = -(-max(map(len, bodies)) // block) * block
+    seqs, answers = [], []
+    for s, body in zip(samples, bodies):
+        asked = rng.sample(s.queries, m)
+        seq = [body[0], *(rng.choice(FILLER) for _ in range(prefix - len(body))), *body[1:]]
+        for key, value in asked:
+            seq += query_group(key) + list(value)
+        seqs.append(seq)
+        answers.append([list(v) for _, v in asked])
+    starts = torch.arange(m) * 2 * ANSWER_LEN + prefix + ANSWER_LEN
+    return torch.tensor(seqs), starts, torch.tensor(answers)
+
+
+def multi_query_mask(length: int, starts: torch.Tensor, block: int, device=None) -> torch.Tensor:
+    """[L + 4m, L + 4m] over [clean sequence | noisy answer blocks]: clean tokens attend block-causally among
+    clean tokens; noisy block i sees the clean tokens before its answer's block and itself, which is what the
+    model sees at inference when it denoises that block after that prefix."""
+    m = starts.numel()
+    total = length + m * ANSWER_LEN
+    mask = torch.zeros(total, total, dtype=torch.bool, device=device)
+    mask[:length, :length] = block_causal_mask(length, block, device)
+    for i, start in enumerate(starts.tolist()):
+        rows = slice(length + i * ANSWER_LEN, length + (i + 1) * ANSWER_LEN)
+        mask[rows, :start] = True
+        mask[rows, rows] = True
+    return mask
+
+
+def loss_on_queries(model, seqs, starts, answers, rng_t: torch.Generator):
+    """Block-diffusion loss on every asked answer block at once (noisy copies appended after the clean
+    sequence, with the answers' own positions), cross-entropy on the masked tokens."""
+    n, length = seqs.shape
+    m = starts.numel()
+    t = torch.rand(n, m, 1, generator=rng_t) * 0.9 + 0.1
+    masked = torch.rand(n, m, ANSWER_LEN, generator=rng_t) < t
+    masked.view(n * m, ANSWER_LEN)[torch.arange(n * m), torch.randint(0, ANSWER_LEN, (n * m,), generator=rng_t)] = True
+    masked = masked.to(seqs.device)
+    noisy = torch.where(masked, torch.full_like(answers, MASK), answers).view(n, m * ANSWER_LEN)
+    ids = torch.cat([seqs, noisy], 1)
+    offsets = torch.arange(ANSWER_LEN)
+    positions = torch.cat([torch.arange(length), (starts[:, None] + offsets).view(-1)]).to(seqs.device)
+    mask = multi_query_mask(length, starts, model.config.block_size, seqs.device)
+    logits = model(ids, positions, mask)[:, length:].float().view(n, m, ANSWER_LEN, -1)
+    return F.cross_entropy(logits[masked], answers[masked])
 
 
 def loss_on_answer_block(model, prompts, answers, rng_t: torch.Generator):
@@ -120,7 +174,11 @@ class BatchStream(torch.utils.data.IterableDataset):
         budget = self.args.minutes * 60
         while True:
             ctx = context_for((time.time() - self.start) / budget, self.args, rng)
-            yield (ctx,) + padded_batch(rng, samples_per_step(self.args, ctx), ctx, self.block)[:2]
+            n = samples_per_step(self.args, ctx)
+            if self.args.queries > 1:
+                yield (ctx,) + multi_query_batch(rng, n, ctx, self.block, self.args.queries)
+            else:
+                yield (ctx,) + padded_batch(rng, n, ctx, self.block)[:2]
 
 
 def samples_per_step(args, ctx: int) -> int:
@@ -149,6 +207,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-contexts", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--eval-samples", type=int, default=48)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader processes generating batches (0: inline)")
+    ap.add_argument("--queries", type=int, default=1,
+                    help="questions asked of each training sequence (>1: every answer block is a loss term)")
     args = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
@@ -170,10 +230,14 @@ def main(argv=None) -> dict:
         lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget))))
         for group in opt.param_groups:
             group["lr"] = lr
-        ctx, prompts, answers = next(stream)
-        n = prompts.shape[0]
+        ctx, *data = next(stream)
+        n = data[0].shape[0]
         with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            loss = loss_on_answer_block(model, prompts.to(args.device), answers.to(args.device), gen)
+            if args.queries > 1:
+                seqs, starts, answers = data
+                loss = loss_on_queries(model, seqs.to(args.device), starts, answers.to(args.device), gen)
+            else:
+                loss = loss_on_answer_block(model, data[0].to(args.device), data[1].to(args.device), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

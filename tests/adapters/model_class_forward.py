@@ -84,6 +84,10 @@ def setup_sglang(device: str, hidden_size: int = 64, dtype=torch.float32) -> Non
                                  distributed_init_method=f"tcp://127.0.0.1:{29500 + os.getpid() % 1000}")
     initialize_model_parallel(1, 1)
     server_args = ServerArgs(model_path="dummy", device=device)
+    if server_args.cuda_graph_config is None:  # read by apply_qk_norm on CUDA; the engine resolves it at launch
+        from sglang.srt.model_executor.cuda_graph_config import default_cuda_graph_config
+
+        server_args.cuda_graph_config = default_cuda_graph_config()
     set_global_server_args_for_scheduler(server_args)
     # The layer communicator (every SDAR / MoE layer) and the MoE layers read these process-wide settings.
     initialize_dp_attention(server_args, SimpleNamespace(hf_config=SimpleNamespace(), hidden_size=hidden_size,

@@ -36,3 +36,47 @@ def test_short_training_run_learns_and_saves(tmp_path):
     decoded = train.decode_answer(reloaded.eval(), prompts)
     assert decoded.shape == answers.shape and not (decoded == MASK).any()
     assert ((decoded >= VALUES.start) & (decoded < VALUES.stop)).float().mean() > 0.5
+
+
+def test_multi_query_blocks_see_what_inference_sees():
+    """Each noisy answer block of a multi-query sequence gets the logits that block-by-block inference
+    gives after the same prefix (its question included, later questions and its own clean copy not)."""
+    import random
+
+    from training.model import block_causal_mask
+
+    torch.manual_seed(0)
+    model = TinySDAR(TinyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2)).eval()
+    seqs, starts, answers = train.multi_query_batch(random.Random(3), 4, 200, 4, 5)
+    n, length = seqs.shape
+    assert starts.numel() > 1 and length % 4 == 0
+    for i, s in enumerate(starts.tolist()):
+        assert torch.equal(seqs[:, s:s + 4], answers[:, i])  # the clean copy holds the answer
+    noisy = torch.full((n, starts.numel() * 4), MASK)
+    positions = torch.cat([torch.arange(length), (starts[:, None] + torch.arange(4)).view(-1)])
+    with torch.no_grad():
+        got = model(torch.cat([seqs, noisy], 1), positions, train.multi_query_mask(length, starts, 4))[:, length:]
+        for i, s in enumerate(starts.tolist()):
+            prefix = torch.cat([seqs[:, :s], torch.full((n, 4), MASK)], 1)
+            ref = model(prefix, torch.arange(s + 4), block_causal_mask(s + 4, 4))[:, s:]
+            assert (got[:, 4 * i:4 * i + 4] - ref).abs().max() < 1e-5
+
+
+def test_multi_query_first_question_is_laid_out_as_an_evaluation_prompt():
+    """The first asked question ends exactly where an evaluation prompt ends: QUERY key ANSWER right before a
+    block boundary, its answer filling the next block; every later question follows the same 8-token layout."""
+    import random
+
+    from training.tasks import ANSWER, QUERY
+
+    seqs, starts, answers = train.multi_query_batch(random.Random(7), 6, 300, 4, 3)
+    assert starts[0] % 4 == 0 and (starts.diff() == 8).all()
+    for row, ans in zip(seqs.tolist(), answers.tolist()):
+        for i, s in enumerate(starts.tolist()):
+            assert row[s - 1] == ANSWER and QUERY in row[s - 4:s - 1] and row[s:s + 4] == ans[i]
+
+
+def test_multi_query_training_smoke(tmp_path):
+    out = train.main(["--out", str(tmp_path), "--steps", "30", "--context", "64", "--batch", "8", "--device", "cpu",
+                      "--hidden", "64", "--layers", "2", "--queries", "4"])
+    assert len(out["history"]) == 30 and all(map(lambda x: x == x, out["history"]))
