@@ -9,8 +9,12 @@ in the Hugging Face layout, then:
 - greedy_match: `sgl.Engine` with `--attention-backend mage` (k=64 + 16 sinks + 64 local >= every context
   here, `--mage-min-context 0`, so every later step runs the sparse kernel over the whole prefix) gives the
   same greedy tokens as with `flashinfer`, LowConfidence; Fast-dLLM v2 also under its own FastDllmV2 schedule.
+- noise control: the `triton` backend (dense, other kernels) against flashinfer. Random weights put many
+  near-ties among 151K logits, so a one-ulp bf16 difference in any attention output can flip a greedy choice
+  and everything after it; `token_agreement` / `first_divergence` per prompt show whether mage's difference
+  from flashinfer is of that kind (as large as triton's) or a defect (wrong from the first tokens).
 - reference_vs_flashinfer (information): the reference LowConfidence schedule on the reference forward (fp32)
-  against the flashinfer engine (bf16), per prompt; random weights make near-ties, so a bf16 flip can differ.
+  against the flashinfer engine (bf16), per prompt.
 Writes benchmarks/results/adapters.json: environment, tolerances and rows {family, max_abs_logit_err,
 greedy_match, ...}.
 
@@ -106,7 +110,17 @@ def model_class_errors(family: str, cfg: dict, dtype: str) -> dict:
     return json.loads(line[0][len("RESULT "):])
 
 
-def check_family(root: str, family: str, max_new: int = 64) -> dict:
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Per prompt: share of equal tokens and the index of the first differing one (None if identical)."""
+    share, first = [], []
+    for x, y in zip(a, b):
+        same = [i == j for i, j in zip(x, y)]
+        share.append(round(sum(same) / max(1, len(same)), 4))
+        first.append(None if all(same) and len(x) == len(y) else (same.index(False) if False in same else len(same)))
+    return {"token_agreement": share, "first_divergence": first}
+
+
+def check_family(root: str, family: str, max_new: int = 64, control: bool = True, schedules: bool = True) -> dict:
     block, _ = BLOCK_MASK[family]
     cfg = tiny_config(family, **GPU_SHAPE)
     weights = random_weights(cfg, family)
@@ -126,7 +140,10 @@ def check_family(root: str, family: str, max_new: int = 64) -> dict:
     dense = engine_tokens(path, "flashinfer", prompts, max_new)
     row["greedy_match"] = mage == dense
     row["prompt_lens"] = [len(p) for p in prompts]
-    if LAYOUTS[family].shift:  # the family's own sub-block schedule, mage against the dense reference
+    row["mage_vs_flashinfer"] = agreement(mage, dense)
+    if control:
+        row["triton_vs_flashinfer"] = agreement(engine_tokens(path, "triton", prompts, max_new), dense)
+    if LAYOUTS[family].shift and schedules:  # the family's own sub-block schedule, mage against the dense reference
         fd = [engine_tokens(path, be, prompts, max_new, algorithm="FastDllmV2", **kw)
               for be, kw in (("mage", MAGE), ("flashinfer", {}))]
         row["fast_dllm_v2_schedule_greedy_match"] = fd[0] == fd[1]
@@ -142,6 +159,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default=",".join(ARCH))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "adapters.json"))
+    ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--no-control", action="store_true", help="skip the triton-vs-flashinfer noise control")
+    ap.add_argument("--no-schedules", action="store_true", help="skip Fast-dLLM v2's own FastDllmV2 schedule")
     args = ap.parse_args()
     import sglang
 
@@ -150,13 +170,13 @@ def main():
                               "sglang": sglang.__version__},
               "tolerances": {"bf16": f"max_abs_logit_err <= {BF16_TOL} x max |reference logit|"},
               "engine": {"algorithm": "LowConfidence (+ FastDllmV2 for fast-dllm-v2)", "mage": MAGE,
-                         "max_new_tokens": 64, "disable_cuda_graph": True},
+                         "max_new_tokens": args.max_new, "disable_cuda_graph": True},
               "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with tempfile.TemporaryDirectory() as root:
         for family in args.families.split(","):
             try:
-                rows.append(check_family(root, family))
+                rows.append(check_family(root, family, args.max_new, not args.no_control, not args.no_schedules))
             except Exception as e:  # noqa: BLE001 - one family's failure is a row, not the end of the run
                 rows.append({"family": family, "max_abs_logit_err": None, "greedy_match": False, "error": repr(e)[:2000]})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), flush=True)

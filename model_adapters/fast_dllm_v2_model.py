@@ -27,13 +27,27 @@ class Fast_dLLM_QwenForCausalLM(Qwen2ForCausalLM):  # noqa: N801 - the HF archit
         # dLLM algorithms read a logit row for every token of the block.
         self.logits_processor = LogitsProcessor(config, return_full_logits=True)
         self.carry: Optional[CarryState] = None
+        self._req_to_token: Optional[torch.Tensor] = None
 
     # ---- token shift ----------------------------------------------------------------------------------------
+
+    def _slot_table(self) -> torch.Tensor:
+        """The request-to-KV-slot table. SGLang 0.5.14's ForwardBatch does not carry the pool: models reach it
+        through the forward context (the attention backend's `req_to_token_pool`). The dLLM algorithm asks for
+        the carried tokens before the forward, outside that context, so the table seen by the last forward is
+        kept (the pool is allocated once, so it is the same tensor)."""
+        from sglang.srt.model_executor.forward_context import get_req_to_token_pool, has_forward_context
+
+        if has_forward_context():
+            self._req_to_token = get_req_to_token_pool().req_to_token
+        if self._req_to_token is None:
+            raise RuntimeError("Fast-dLLM v2: no request-to-token table seen yet (no forward has run)")
+        return self._req_to_token
 
     def _carry_for(self, forward_batch, hidden_size: int, dtype, device) -> CarryState:
         if self.carry is None:
             # One row per request-pool slot, sized from the pool itself (known only once a batch arrives).
-            slots = forward_batch.req_to_token_pool.req_to_token.shape[0]
+            slots = self._slot_table().shape[0]
             self.carry = CarryState(slots, hidden_size, dtype, device)
         return self.carry
 
@@ -41,7 +55,7 @@ class Fast_dLLM_QwenForCausalLM(Qwen2ForCausalLM):  # noqa: N801 - the HF archit
         first, last = segment_rows(forward_batch.extend_start_loc, forward_batch.extend_seq_lens)
         slots = forward_batch.req_pool_indices.long()
         first_pos = positions[first].long()
-        prev_loc = forward_batch.req_to_token_pool.req_to_token[slots, (first_pos - 1).clamp(min=0)].long()
+        prev_loc = self._slot_table()[slots, (first_pos - 1).clamp(min=0)].long()
         carried, valid = carry.lookup(slots, first_pos, prev_loc)
         return first, last, slots, carried, valid
 

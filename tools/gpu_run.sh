@@ -38,9 +38,10 @@ for job in "$@"; do
     tests)
       timeout 300 python -m pytest -m gpu -q -p no:cacheprovider tests/ops tests/gpu/test_flashinfer_lse.py \
         tests/gpu/test_block_causal_gpu.py > "$R/gpu_tests.txt" 2>&1; tail -3 "$R/gpu_tests.txt" ;;
-    adapters)
-      timeout "${ADAPTERS_TIMEOUT:-480}" python benchmarks/adapters_check.py --out "$R/adapters.json" \
-        > "$R/adapters.log" 2>&1; tail -8 "$R/adapters.log" ;;
+    adapters|adapters2)  # two runs with different arguments: ADAPTERS_ARGS / ADAPTERS2_ARGS
+      args=${ADAPTERS_ARGS:-}; [ "$job" = adapters2 ] && args=${ADAPTERS2_ARGS:-}
+      timeout "${ADAPTERS_TIMEOUT:-480}" python benchmarks/adapters_check.py --out "$R/$job.json" $args \
+        > "$R/$job.log" 2>&1; grep -v "Ignore import" "$R/$job.log" | tail -6 ;;
     kernels)
       timeout "${KERNELS_TIMEOUT:-420}" python benchmarks/bench_kernels.py --out "$R/kernels.json" ${KERNEL_ARGS:-} \
         > "$R/kernels.log" 2>&1; tail -4 "$R/kernels.log" ;;

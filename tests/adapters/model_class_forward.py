@@ -37,8 +37,11 @@ class _Batch:
 class StubAttention:
     """Block-causal attention over a KV store indexed by KV slot, like a dLLM backend with ENCODER_ONLY layers."""
 
-    def __init__(self, slots: int, block: int):
+    def __init__(self, slots: int, block: int, req_to_token: torch.Tensor):
         self.k, self.v, self.block, self.slots = {}, {}, block, slots
+        # The backend contract: models reach the pools through the forward context's backend, never through
+        # the ForwardBatch (SGLang 0.5.14's has no pool attributes).
+        self.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token)
         # Models ask the pool whether the rotary kernel may write K/V itself (CUDA, bf16 pools). A pool that
         # says fp32 keeps K/V on the attention call, where this stub stores them.
         self.token_to_kv_pool = SimpleNamespace(dtype=torch.float32)
@@ -57,7 +60,7 @@ class StubAttention:
             s, n = int(fb.extend_start_loc[i]), int(fb.extend_seq_lens[i])
             pos = fb.positions[s:s + n]
             end = int(pos[-1]) + 1
-            locs = fb.req_to_token_pool.req_to_token[fb.req_pool_indices[i], :end]
+            locs = self.req_to_token_pool.req_to_token[fb.req_pool_indices[i], :end]
             kk = self.k[lid][locs].repeat_interleave(group, 1).float()
             vv = self.v[lid][locs].repeat_interleave(group, 1).float()
             scores = torch.einsum("qhd,khd->hqk", q[s:s + n].float(), kk) * layer.scaling
@@ -141,22 +144,22 @@ def run_model_class(family: str, cfg: dict, weights: dict, block: int, mask: int
     slot = 1
     req_to_token = torch.zeros(4, 4 * block, dtype=torch.long, device=device)
     req_to_token[slot, : 2 * block] = torch.arange(10, 10 + 2 * block, device=device)
-    attn = StubAttention(64 + 4 * block, block)
+    attn = StubAttention(64 + 4 * block, block, req_to_token)
     rows = []
-    with forward_context(ForwardContext(attn_backend=attn)):
-        for b in range(2):
-            ids = seq[b * block:(b + 1) * block].to(device)
-            pos = torch.arange(b * block, (b + 1) * block, device=device)
-            fb = _Batch(forward_mode=ForwardMode.DLLM_EXTEND, batch_size=1, input_ids=ids, positions=pos,
-                        extend_start_loc=torch.tensor([0], device=device),
-                        extend_seq_lens=torch.tensor([block], device=device), extend_seq_lens_cpu=[block],
-                        req_pool_indices=torch.tensor([slot], device=device),
-                        req_to_token_pool=_Batch(req_to_token=req_to_token), out_cache_loc=req_to_token[slot, pos],
-                        seq_lens=torch.tensor([(b + 1) * block], device=device))
-            if b == 1 and hasattr(model, "carried_first_tokens"):
-                carried = int(model.carried_first_tokens(fb)[0])  # before the forward, as FastDllmV2 asks
-            with torch.no_grad():
-                rows.append(model(ids, pos, fb).full_logits.float().cpu())
+    for b in range(2):
+        ids = seq[b * block:(b + 1) * block].to(device)
+        pos = torch.arange(b * block, (b + 1) * block, device=device)
+        fb = _Batch(forward_mode=ForwardMode.DLLM_EXTEND, batch_size=1, input_ids=ids, positions=pos,
+                    extend_start_loc=torch.tensor([0], device=device),
+                    extend_seq_lens=torch.tensor([block], device=device), extend_seq_lens_cpu=[block],
+                    req_pool_indices=torch.tensor([slot], device=device),
+                    out_cache_loc=req_to_token[slot, pos],
+                    seq_lens=torch.tensor([(b + 1) * block], device=device))
+        if b == 1 and hasattr(model, "carried_first_tokens"):
+            # Before the forward and outside its forward context, as the FastDllmV2 algorithm asks.
+            carried = int(model.carried_first_tokens(fb)[0])
+        with forward_context(ForwardContext(attn_backend=attn)), torch.no_grad():
+            rows.append(model(ids, pos, fb).full_logits.float().cpu())
     got = torch.cat(rows)
     w = {k: v.to(dtype).float() for k, v in weights.items()}
     ref = reference_forward(w, cfg, seq, block, family)
