@@ -147,6 +147,7 @@ def check_family(root: str, family: str, max_new: int = 64, control: bool = True
         fd = [engine_tokens(path, be, prompts, max_new, algorithm="FastDllmV2", **kw)
               for be, kw in (("mage", MAGE), ("flashinfer", {}))]
         row["fast_dllm_v2_schedule_greedy_match"] = fd[0] == fd[1]
+        row["fast_dllm_v2_schedule_mage_vs_flashinfer"] = agreement(fd[0], fd[1])
         row["greedy_match"] = row["greedy_match"] and fd[0] == fd[1]
     w = {k: v.to(torch.bfloat16).float().cuda() for k, v in weights.items()}
     refs = [reference_low_confidence(w, cfg, family, p, max_new, device="cuda") for p in prompts]

@@ -11,6 +11,8 @@ views it) with shuffled slots, every request at `context` prefix tokens plus one
                    "mean"), and the fused Triton pass + select_topk (selector "fused"); rows carry `selector`
   dense_step       = flashinfer_dense, listed again as the first step's baseline
 `gbps` is the bytes the method must read (K/V it attends to, bf16; plus the bounds for quest) over its time.
+`us` is eager (do_bench around the Python call: host launch gaps included, which dominate small steps);
+`us_graph` the same call replayed from a CUDA graph, as the engine's captured steps run (dense and sparse).
 Writes benchmarks/results/kernels.json (rows {context, k, B, batch, q_heads, kv_heads, head_dim, method, us,
 gbps}) and prints a table. GPU only.
 
@@ -76,6 +78,17 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=100) * 1e3  # microseconds
 
 
+def bench_graph(fn) -> float | None:
+    """GPU time of `fn` replayed from a CUDA graph, as the engine runs a captured step: no host launch gaps.
+    None where `fn` cannot be captured (a host sync inside it)."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=100) * 1e3
+    except Exception:  # noqa: BLE001 - an uncapturable method is reported as such, eager time still stands
+        return None
+
+
 def measure(shape, context, B, batch, ks, with_reference):
     from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.selection import block_mean_scores, select_topk
@@ -90,15 +103,17 @@ def measure(shape, context, B, batch, ks, with_reference):
     kv_bytes_tok = hkv * d * 2 * 2
     rows = []
 
-    def row(method, k, us, bytes_read, **extra):
+    def row(method, k, us, bytes_read, us_graph=None, **extra):
         rows.append({"context": context, "k": k, "B": B, "batch": batch, "q_heads": shape.q_heads,
                      "kv_heads": hkv, "head_dim": d, "method": method, "us": round(us, 2),
-                     "gbps": round(bytes_read / (us * 1e-6) / 1e9, 1), **extra})
+                     "gbps": round(bytes_read / (us * 1e-6) / 1e9, 1),
+                     "us_graph": None if us_graph is None else round(us_graph, 2),
+                     "gbps_graph": None if not us_graph else round(bytes_read / (us_graph * 1e-6) / 1e9, 1), **extra})
 
-    dense_us = bench(lambda: dense.run(p["q"]))
+    dense_us, dense_graph = bench(lambda: dense.run(p["q"])), bench_graph(lambda: dense.run(p["q"]))
     dense_bytes = batch * (context + B) * kv_bytes_tok
-    row("flashinfer_dense", None, dense_us, dense_bytes)
-    row("dense_step", None, dense_us, dense_bytes)
+    row("flashinfer_dense", None, dense_us, dense_bytes, dense_graph)
+    row("dense_step", None, dense_us, dense_bytes, dense_graph)
     _, lse = dense.run(p["q"], lse=True)
     for k in ks:
         cap = k + SINK + LOCAL
@@ -125,7 +140,10 @@ def measure(shape, context, B, batch, ks, with_reference):
         sparse_args = (p["q"], p["k"], p["v"], p["qo_indptr"], p["req_to_token"], p["rows"], p["prefix"],
                        sel_slots, sel_lens, scale, B)
         sparse_bytes = batch * (cap + B) * kv_bytes_tok
-        row("mage_sparse", k, bench(lambda: sparse_block_attention(*sparse_args, out=out, workspace=ws)), sparse_bytes)
+        def sparse_step():
+            sparse_block_attention(*sparse_args, out=out, workspace=ws)
+
+        row("mage_sparse", k, bench(sparse_step), sparse_bytes, bench_graph(sparse_step))
         kmin, kmax = page_bounds(p["k"], p["req_to_token"], p["rows"], p["prefix"], QUEST_PAGE, context)
 
         def quest_step():
