@@ -92,8 +92,7 @@ def exact_match(generated: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
 
 def row(context, method, k, correct, task_names, recall=None, engine="reference") -> dict:
     """One result row; `correct` [N] bool."""
-    by_task = {t: round(float(correct[[i for i, n in enumerate(task_names) if n == t]].float().mean()), 4)
-               for t in sorted(set(task_names))}
+    by_task = train.accuracy_by_task(correct, task_names)
     out = {"context": int(context), "method": method, "k": None if k is None else int(k),
            "accuracy": round(float(correct.float().mean()), 4), "recall": None, "mass_recall": None,
            "mass_captured": None, "n": int(correct.numel()), "accuracy_by_task": by_task, "engine": engine}

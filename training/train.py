@@ -136,6 +136,12 @@ def save_checkpoint(model: TinySDAR, out: str, train_args: dict) -> None:
         json.dump(train_args, f, indent=1)
 
 
+def accuracy_by_task(correct: torch.Tensor, task_names) -> dict:
+    """{task: share of its samples answered exactly}, `correct` [N] bool in the order of `task_names`."""
+    return {t: round(float(correct[[i for i, n in enumerate(task_names) if n == t]].float().mean()), 4)
+            for t in sorted(set(task_names))}
+
+
 def held_out_accuracy(model, contexts, samples: int, block: int, device, seed: int = 12345) -> dict:
     """Exact-match accuracy of greedy block decoding per (context, task) on held-out samples (seeds disjoint
     from training's), exact attention."""
@@ -146,9 +152,7 @@ def held_out_accuracy(model, contexts, samples: int, block: int, device, seed: i
         got = torch.cat([decode_answer(model, prompts[i:i + 16].to(device)).cpu()
                          for i in range(0, samples, 16)])
         correct = (got == answers).all(-1)
-        out[str(ctx)] = {"all": round(float(correct.float().mean()), 4),
-                         **{t: round(float(correct[[i for i, n in enumerate(names) if n == t]].float().mean()), 4)
-                            for t in sorted(set(names))}}
+        out[str(ctx)] = {"all": round(float(correct.float().mean()), 4), **accuracy_by_task(correct, names)}
     model.train()
     return out
 

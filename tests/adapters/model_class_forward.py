@@ -4,8 +4,9 @@ attends block-causally, and compares its logits with `benchmarks/reference_model
 whole sequence. Used by tests/adapters/ in a subprocess (it sets process-wide SGLang state: the distributed
 group, global server args, DP-attention and MoE settings) and by benchmarks/adapters_check.py on the GPU.
 
-`python model_class_forward.py [FAMILY]` prints one JSON line (CPU, fp32; dense families only: SGLang's MoE
-experts have no CPU path without its CPU kernel build)."""
+`python model_class_forward.py [FAMILY] [--device cuda --dtype bf16 --config JSON]` prints one JSON line. On
+the CPU, SGLang's MoE layers run through its native fallback, which leaves `routed_scaling_factor` out (see
+main)."""
 
 from __future__ import annotations
 
