@@ -1,13 +1,16 @@
 """`MageAttnBackend`: SGLang's FlashInfer backend plus MAGE's first-step selection and sparse later steps.
 
-Per DLLM_EXTEND forward, `init_forward_metadata` plans the phase once (index_cache.MageIndexCache.plan):
-- DENSE: FlashInfer exactly as SGLang runs it (mask-free prompt blocks, short prefixes).
+Per DLLM_EXTEND forward, `decide` plans the phase exactly once (index_cache.MageIndexCache.plan), before
+SGLang chooses between its dLLM CUDA graph and the eager runner (see cuda_graph.py):
+- DENSE: FlashInfer exactly as SGLang runs it (mask-free prompt blocks, short prefixes). Eager.
 - FIRST: FlashInfer exact attention that also returns the LSE; from the same q, the paged K and that LSE the
-  selection op scores every prefix position per KV head, and the top set goes into the index cache.
-- SPARSE: the Triton kernel attends each block to its cached slots plus its own tokens.
+  selection op scores every prefix position per KV head, and the top set goes into the index cache. Eager.
+- SPARSE: the Triton kernel attends each block to its cached slots plus its own tokens. With the graph on
+  and a mean/fused/vote selector this replays a captured graph; quest and oracle (host work per step) and
+  a batch the graph cannot hold run it eagerly.
 A forward whose extends span several mask-free prompt blocks (chunked prompt prefill, see
 sglang_mage/chunked_prefill.py) runs block-causal: FlashInfer's causal prefill completed by the
-`later_in_block_merge` Triton op, so it computes what block-by-block prefill computes.
+`later_in_block_merge` Triton op, so it computes what block-by-block prefill computes. Eager.
 Other forward modes (none in dLLM serving) fall through to FlashInfer untouched.
 """
 
@@ -22,6 +25,7 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from . import config as mage_config
+from .cuda_graph import ForwardDecision, MageCudaGraphMixin, fill_block_metadata, graph_eligible
 from .hooks import install_slot_free_listener
 from .index_cache import MageIndexCache, Phase, StepPlan
 from .kv_dump import ENV as KV_DUMP_ENV
@@ -46,7 +50,7 @@ def rank_head_counts(model_config, attn_tp_size: int) -> tuple[int, int]:
     return model_config.num_attention_heads // tp, model_config.get_num_kv_heads(tp)
 
 
-class MageAttnBackend(FlashInferAttnBackend):
+class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
     def __init__(self, model_runner, *args, **kwargs):
         super().__init__(model_runner, *args, **kwargs)
         server_args = model_runner.server_args
@@ -88,6 +92,8 @@ class MageAttnBackend(FlashInferAttnBackend):
             install_slot_free_listener(req_to_token_pool, self.vote.invalidate)
         self.plan: StepPlan = StepPlan(Phase.DENSE, "not planned")
         self.block_causal = False
+        # CUDA-graph side (cuda_graph.py): static buffers come with init_cuda_graph_state, if SGLang captures.
+        self.graph_mode, self._pending, self._cg_max_bs = "eager", None, None
         # quest: per layer, the page bounds of the current batch's prefixes (valid for its block's steps).
         self.quest_bounds: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
         self.batch_key: tuple = ()
@@ -106,36 +112,44 @@ class MageAttnBackend(FlashInferAttnBackend):
         )
 
     # ---- per forward batch ------------------------------------------------------------------------------
-    def init_forward_metadata(self, forward_batch):
-        self.block_causal = False
+    def decide(self, forward_batch) -> ForwardDecision:
+        """The host-side part of a forward batch. It mutates the planner's per-slot keys at a block's first
+        forward, so it runs exactly once per forward: from the graph gate, or else from init_forward_metadata."""
         if not forward_batch.forward_mode.is_dllm_extend():
-            self.plan = StepPlan(Phase.DENSE, "not a dLLM forward")
-            return super().init_forward_metadata(forward_batch)
-        slots = forward_batch.req_pool_indices.tolist()
-        prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
+            return ForwardDecision(StepPlan(Phase.DENSE, "not a dLLM forward"))
+        slots = tuple(forward_batch.req_pool_indices.tolist())
+        prefix_lens = tuple(forward_batch.extend_prefix_lens_cpu)
         extend_lens = list(forward_batch.extend_seq_lens_cpu)
-        self.batch_key = (tuple(slots), tuple(prefix_lens))
         if self.kv_dumper is not None:
             self.kv_dumper.on_forward(forward_batch)
         if extend_lens and max(extend_lens) > self.block_size:
             self._check_block_aligned(prefix_lens, extend_lens)
             # Only whole mask-free prompt blocks are chunked, so there is nothing to select or reuse here.
-            self.block_causal = True
-            self.plan = StepPlan(Phase.DENSE, "chunked prompt prefill (block-causal)")
             self.index_cache.stats.block_causal_forwards += 1
             self.index_cache.stats.block_causal_tokens += sum(extend_lens)
-            return super().init_forward_metadata(forward_batch)
+            return ForwardDecision(StepPlan(Phase.DENSE, "chunked prompt prefill (block-causal)"), prefix_lens,
+                                   slots, block_causal=True)
         if self.mage.selector == "dense":
-            self.plan = StepPlan(Phase.DENSE, "--mage-selector dense")
             self.index_cache.stats.dense_forwards += 1
-            return super().init_forward_metadata(forward_batch)
-        self.plan = self.index_cache.plan(
+            return ForwardDecision(StepPlan(Phase.DENSE, "--mage-selector dense"), prefix_lens, slots)
+        plan = self.index_cache.plan(
             slots, prefix_lens, lambda: bool((forward_batch.input_ids == self.mask_id).any().item())
         )
+        return ForwardDecision(plan, prefix_lens, slots,
+                               graphable=graph_eligible(plan, self.mage.selector, extend_lens, self.block_size))
+
+    def init_forward_metadata(self, forward_batch):
+        """Eager forwards (the graph path is cuda_graph.MageCudaGraphMixin.init_forward_metadata_out_graph)."""
+        self.graph_mode = "eager"
+        decision = self.take_decision(forward_batch)
+        self.plan, self.block_causal = decision.plan, decision.block_causal
+        if not forward_batch.forward_mode.is_dllm_extend() or decision.block_causal:
+            return super().init_forward_metadata(forward_batch)
+        self.batch_key = decision.key
         if self.plan.phase != Phase.SPARSE or self.mage.selector == "oracle":
             super().init_forward_metadata(forward_batch)
         if self.plan.phase != Phase.DENSE:
-            self._build_block_metadata(forward_batch, prefix_lens)
+            self._build_block_metadata(forward_batch, decision.max_prefix)
 
     def _check_block_aligned(self, prefix_lens, extend_lens) -> None:
         b = self.block_size
@@ -145,13 +159,13 @@ class MageAttnBackend(FlashInferAttnBackend):
                 f"(prefix lengths {prefix_lens}, extend lengths {extend_lens})"
             )
 
-    def _build_block_metadata(self, forward_batch, prefix_lens: list[int]) -> None:
-        device = forward_batch.req_pool_indices.device
+    def _build_block_metadata(self, forward_batch, max_prefix: int) -> None:
         seq = forward_batch.extend_seq_lens
-        self.qo_indptr = torch.zeros(seq.shape[0] + 1, dtype=torch.int32, device=device)
-        torch.cumsum(seq, dim=0, out=self.qo_indptr[1:])
-        self.prefix_lens = forward_batch.extend_prefix_lens.to(torch.int32)
-        self.max_prefix = max(prefix_lens) if prefix_lens else 0
+        n = seq.shape[0]
+        self.qo_indptr = torch.empty(n + 1, dtype=torch.int32, device=seq.device)
+        self.prefix_lens = torch.empty(n, dtype=torch.int32, device=seq.device)
+        fill_block_metadata(self.qo_indptr, self.prefix_lens, seq, forward_batch.extend_prefix_lens)
+        self.max_prefix = max_prefix
 
     # ---- per layer --------------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
@@ -167,14 +181,17 @@ class MageAttnBackend(FlashInferAttnBackend):
             o, lse = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
             self._select(q3, lse, layer, forward_batch)
             return o.view(-1, layer.tp_q_head_num * layer.head_dim)
-        if self.mage.selector == "oracle":
+        # Under capture (the only graph path that runs Python) just the KV write and the kernel are recorded:
+        # selectors with per-step host work never replay (cuda_graph.GRAPH_SELECTORS).
+        eager = self.graph_mode == "eager"
+        if eager and self.mage.selector == "oracle":
             # This step's own exact attention picks its set (the per-step oracle); that pass writes the KV.
             _, lse = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
             self._select(q3, lse, layer, forward_batch)
         else:
             if save_kv_cache and k is not None:
                 self._write_kv(layer, forward_batch, k, v)
-            if self.mage.selector == "quest":  # Quest is query-aware: every step re-scores its pages
+            if eager and self.mage.selector == "quest":  # Quest is query-aware: every step re-scores its pages
                 self._select(q3, None, layer, forward_batch)
         k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
@@ -185,8 +202,9 @@ class MageAttnBackend(FlashInferAttnBackend):
             forward_batch.req_pool_indices, self.prefix_lens, sel_slots, sel_lens, layer.scaling,
             self.block_size, out=out, workspace=self.workspace,
         )
-        self.index_cache.stats.sparse_layer_calls += 1
-        self._maybe_dump(q3, k_buf, v_buf, sel_slots, sel_lens, o, layer, forward_batch)
+        if eager:  # replays bypass Python; they are counted in stats.graph_sparse_forwards
+            self.index_cache.stats.sparse_layer_calls += 1
+            self._maybe_dump(q3, k_buf, v_buf, sel_slots, sel_lens, o, layer, forward_batch)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _write_kv(self, layer, forward_batch, k, v) -> None:

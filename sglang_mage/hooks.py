@@ -21,6 +21,7 @@ _pending = threading.local()
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager"
+DECODE_GRAPH_RUNNER = "sglang.srt.model_executor.runner.decode_cuda_graph_runner"
 # SGLang runs one dLLM request at a time unless --max-running-requests is given (DllmConfig). With mage the
 # plugin's per-request state is bounded by this, and batching is where sparse steps pay off most.
 DEFAULT_MAX_RUNNING_REQUESTS = 8
@@ -63,19 +64,36 @@ def server_args_init_around(original: Any, self: Any, *args: Any, **kwargs: Any)
         )
 
 
+# SGLang's own dLLM model classes, which its decode graph runner captures (for flashinfer) with a capture batch
+# that has no extend_* fields and replays without running Python. A model class added by a plugin may need
+# either (Fast-dLLM v2's token shift reads extend_start_loc and carries hidden states between forwards).
+GRAPH_CAPTURABLE_ARCHITECTURES = frozenset({"SDARForCausalLM", "SDARMoeForCausalLM", "LLaDA2MoeModelLM"})
+
+
+def _architecture(server_args: Any) -> str | None:
+    try:
+        return server_args.get_model_config().hf_config.architectures[0]
+    except Exception:  # noqa: BLE001 - SGLang reports an unreadable model config itself
+        return None
+
+
 def handle_dllm_inference_around(original: Any, self: Any) -> Any:
     """Why: `ServerArgs._handle_dllm_inference` silently replaces any attention backend by flashinfer while
-    the decode CUDA graph is on. With `mage` selected we keep `mage` and turn that graph off, loudly.
-    Remove once mage captures its DLLM_EXTEND steps in CUDA graphs (the CUDA-graph issue)."""
+    the dLLM decode CUDA graph is on. mage captures its sparse DLLM_EXTEND steps in that graph
+    (sglang_mage.cuda_graph), so with `mage` selected the graph stays as the user set it (on unless
+    `--disable-cuda-graph`), and SGLang's branch is shown `flashinfer` so that it keeps its hands off; every
+    other effect of that method is SGLang's own. Architectures outside GRAPH_CAPTURABLE_ARCHITECTURES get the
+    graph turned off, loudly. Remove when SGLang stops overriding the dLLM backend."""
     if getattr(self, "attention_backend", None) == BACKEND_NAME and getattr(self, "dllm_algorithm", None):
         from sglang.srt.model_executor.cuda_graph_config import Backend
 
         graphs = getattr(self, "cuda_graph_config", None)
-        if graphs is not None and graphs.decode.backend != Backend.DISABLED:
-            logger.warning(
-                "sglang-mage: the dLLM decode CUDA graph is turned off for --attention-backend mage "
-                "(SGLang would otherwise replace mage by flashinfer); mage steps run eagerly"
-            )
+        arch = _architecture(self)
+        if graphs is not None and graphs.decode.backend != Backend.DISABLED and arch is not None and (
+            arch not in GRAPH_CAPTURABLE_ARCHITECTURES
+        ):
+            logger.warning("sglang-mage: the dLLM decode CUDA graph is turned off for %s (its model class is not "
+                           "known to be capturable); mage steps run eagerly", arch)
             graphs.decode.backend = Backend.DISABLED
         if getattr(self, "max_running_requests", 0) is None:
             logger.info(
@@ -83,7 +101,29 @@ def handle_dllm_inference_around(original: Any, self: Any) -> Any:
                 "dLLM default is 1)", DEFAULT_MAX_RUNNING_REQUESTS,
             )
             self.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+        self.attention_backend = "flashinfer"
+        try:
+            return original(self)
+        finally:
+            # Anything else (on AMD, SGLang picks triton for every dLLM backend) is SGLang's decision.
+            if self.attention_backend == "flashinfer":
+                self.attention_backend = BACKEND_NAME
     return original(self)
+
+
+def can_run_graph_around(original: Any, self: Any, forward_batch: Any) -> Any:
+    """Why: only mage knows whether a DLLM_EXTEND batch is a sparse step the captured graph computes, and it
+    knows only after planning, which must happen once per forward and before SGLang picks graph or eager.
+    Wraps `DecodeCudaGraphRunner.can_run_graph` (called once per forward by `ModelRunner._forward_raw`): the
+    backend plans and parks the decision (`MageCudaGraphMixin.mage_graph_gate`), and SGLang's own checks
+    (batch size, hidden-state mode...) still apply. Other backends and forward modes are untouched. Remove
+    when SGLang asks the attention backend whether a batch may replay."""
+    gate = getattr(self.attn_backend, "mage_graph_gate", None)
+    if gate is None or not forward_batch.forward_mode.is_dllm_extend():
+        return original(self, forward_batch)
+    eligible = gate(forward_batch, token=getattr(self.model_runner, "forward_pass_id", None))
+    # Planned either way: a batch SGLang then refuses runs eagerly on the parked decision.
+    return original(self, forward_batch) if eligible else False
 
 
 def validate_request_around(original: Any, self: Any, obj: Any, input_ids: Any) -> Any:
@@ -112,6 +152,8 @@ def register_server_args_hooks() -> None:
     # The tokenizer manager pulls in most of SGLang: patch it when SGLang itself imports it.
     hook_when_imported(TOKENIZER_MANAGER, f"{TOKENIZER_MANAGER}.TokenizerManager._validate_one_request",
                        validate_request_around, HookType.AROUND)
+    hook_when_imported(DECODE_GRAPH_RUNNER, f"{DECODE_GRAPH_RUNNER}.DecodeCudaGraphRunner.can_run_graph",
+                       can_run_graph_around, HookType.AROUND)
 
 
 def install_slot_free_listener(req_to_token_pool: Any, on_free: Any) -> None:

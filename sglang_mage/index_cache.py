@@ -47,6 +47,9 @@ class MageStats:
     dense_forwards: int = 0
     first_forwards: int = 0
     sparse_forwards: int = 0
+    # Of those, replayed from a CUDA graph (sglang_mage.cuda_graph); their layers never reach Python, so
+    # sparse_layer_calls counts the layers of eager sparse forwards only.
+    graph_sparse_forwards: int = 0
     sparse_layer_calls: int = 0
     select_layer_calls: int = 0
     slots_invalidated: int = 0
