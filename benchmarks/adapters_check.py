@@ -6,13 +6,19 @@ in the Hugging Face layout, then:
   pure-PyTorch reference forward (benchmarks/reference_models.py, fp32 on the same bf16-rounded weights).
   Tolerance: max |err| <= BF16_TOL x max |reference logit|. The same comparison in fp32, which isolates the
   architecture from bf16 rounding, runs on the CPU in CI (tests/adapters/test_model_classes.py, <= 1e-4).
-- greedy_match: `sgl.Engine` with `--attention-backend mage` (k=64 + 16 sinks + 64 local >= every context
-  here, `--mage-min-context 0`, so every later step runs the sparse kernel over the whole prefix) gives the
-  same greedy tokens as with `flashinfer`, LowConfidence; Fast-dLLM v2 also under its own FastDllmV2 schedule.
-- noise control: the `triton` backend (dense, other kernels) against flashinfer. Random weights put many
-  near-ties among 151K logits, so a one-ulp bf16 difference in any attention output can flip a greedy choice
-  and everything after it; `token_agreement` / `first_divergence` per prompt show whether mage's difference
-  from flashinfer is of that kind (as large as triton's) or a defect (wrong from the first tokens).
+- greedy_match: `sgl.Engine` with `--attention-backend mage` at k >= context (k=2048 = the context length) gives
+  the same greedy tokens as `flashinfer`, LowConfidence (Fast-dLLM v2 also under its own FastDllmV2 schedule).
+  mage's planner then keeps every step exact through FlashInfer, so the tokens must be identical: this proves
+  the plugin (adapters, hooks, index-cache planning, schedules) changes nothing when nothing is dropped.
+  Chunked prompt prefill is off here (--mage-prefill-chunk-size 0; its own check is
+  chunked_prefill_correctness.py), because multi-block prefill sums in another order than block-by-block.
+- sparse_vs_flashinfer: the same with --mage-force-sparse (k=64 + 16 sinks + 64 local >= every context here,
+  min-context 0): every later step runs the Triton sparse kernel over the whole prefix, exact in real
+  arithmetic, so only bf16 rounding separates it from FlashInfer. Noise control: the `triton` backend (dense,
+  other kernels) against flashinfer. Random weights put many near-ties among 151K logits (bf16 argmax
+  agreement with the fp32 reference is below 100% even for one forward), so a one-ulp difference can flip a
+  greedy choice and everything after it; `token_agreement` / `first_divergence` per prompt show whether the
+  sparse kernel's difference is of that kind (comparable to triton's) or a defect (wrong from the start).
 - reference_vs_flashinfer (information): the reference LowConfidence schedule on the reference forward (fp32)
   against the flashinfer engine (bf16), per prompt.
 Writes benchmarks/results/adapters.json: environment, tolerances and rows {family, max_abs_logit_err,
@@ -42,7 +48,11 @@ ARCH = {"sdar": ("SDARForCausalLM", "qwen3"), "fast-dllm-v2": ("Fast_dLLM_QwenFo
         "sdar-moe": ("SDARMoeForCausalLM", "qwen3_moe"), "llada2-moe": ("LLaDA2MoeModelLM", "llada2_moe")}
 BF16_TOL = 0.02
 GPU_SHAPE = dict(hidden_size=256, head_dim=128)  # FlashInfer kernels are compiled per head_dim: share 128
-MAGE = dict(mage_k=64, mage_min_context=0)
+# k >= context, planner left alone: exact FlashInfer at every step (greedy_match).
+MAGE_EXACT = dict(mage_k=2048, mage_min_context=0, mage_prefill_chunk_size=0)
+# The sparse kernel at every later step, over a selected set that covers the whole prefix.
+MAGE_SPARSE = dict(mage_k=64, mage_min_context=0, mage_force_sparse=True, mage_prefill_chunk_size=0)
+CONTEXT_LEN = 2048
 
 
 def reference_low_confidence(w, cfg, family, prompt, max_new, threshold=0.95, device="cpu"):
@@ -87,15 +97,45 @@ def write_model(root: str, family: str, cfg: dict, weights: dict) -> str:
 def engine_tokens(path: str, backend: str, prompts, max_new: int, algorithm: str = "LowConfidence", **extra):
     import sglang as sgl
 
+    # Several engines start on the GPU at once (run_engines). SGLang sizes the KV pool from the memory free
+    # before and after its own weight load, so memory the other engines take meanwhile counts against this
+    # one: a small fraction fails at random. A large fraction with a fixed small pool (max_total_tokens) is
+    # robust to that and still leaves room for all of them.
     engine = sgl.Engine(model_path=path, dllm_algorithm=algorithm, attention_backend=backend,
                         skip_tokenizer_init=True, max_running_requests=4, disable_cuda_graph=True,
-                        trust_remote_code=True, mem_fraction_static=0.25, context_length=2048,
-                        log_level="warning", **extra)
+                        trust_remote_code=True, mem_fraction_static=0.5, max_total_tokens=4 * CONTEXT_LEN,
+                        context_length=CONTEXT_LEN, log_level="warning", **extra)
     try:
         outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": max_new, "temperature": 0})
         return [o["output_ids"] for o in outs]
     finally:
         engine.shutdown()
+
+
+def run_engines(jobs: dict, path: str, prompts, max_new: int, timeout: float = 420) -> dict:
+    """{name: (backend, algorithm, engine kwargs)} -> {name: tokens}, every engine in its own process at once
+    (an engine start costs ~35 s, mostly CPU; a tiny model leaves the GPU idle)."""
+    procs = {}
+    for name, (backend, algorithm, extra) in jobs.items():
+        spec = json.dumps({"path": path, "backend": backend, "algorithm": algorithm, "extra": extra,
+                           "prompts": prompts, "max_new": max_new})
+        procs[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--engine-job", spec],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, errors = {}, {}
+    for name, proc in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        if line:
+            out[name] = json.loads(line[-1][len("RESULT "):])
+        else:
+            errors[name] = stderr[-1500:]
+    if errors:
+        raise RuntimeError(f"engine job(s) failed: {errors}")
+    return out
 
 
 def model_class_errors(family: str, cfg: dict, dtype: str) -> dict:
@@ -136,19 +176,26 @@ def check_family(root: str, family: str, max_new: int = 64, control: bool = True
     path = write_model(root, family, cfg, weights)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(100, 150000, (n,), generator=g).tolist() for n in (5, block * 2 + 3)]
-    mage = engine_tokens(path, "mage", prompts, max_new, **MAGE)
-    dense = engine_tokens(path, "flashinfer", prompts, max_new)
-    row["greedy_match"] = mage == dense
-    row["prompt_lens"] = [len(p) for p in prompts]
-    row["mage_vs_flashinfer"] = agreement(mage, dense)
+    jobs = {"flashinfer": ("flashinfer", "LowConfidence", {}), "mage_exact": ("mage", "LowConfidence", MAGE_EXACT),
+            "mage_sparse": ("mage", "LowConfidence", MAGE_SPARSE)}
     if control:
-        row["triton_vs_flashinfer"] = agreement(engine_tokens(path, "triton", prompts, max_new), dense)
-    if LAYOUTS[family].shift and schedules:  # the family's own sub-block schedule, mage against the dense reference
-        fd = [engine_tokens(path, be, prompts, max_new, algorithm="FastDllmV2", **kw)
-              for be, kw in (("mage", MAGE), ("flashinfer", {}))]
-        row["fast_dllm_v2_schedule_greedy_match"] = fd[0] == fd[1]
-        row["fast_dllm_v2_schedule_mage_vs_flashinfer"] = agreement(fd[0], fd[1])
-        row["greedy_match"] = row["greedy_match"] and fd[0] == fd[1]
+        jobs["triton"] = ("triton", "LowConfidence", {})
+    fast_schedule = LAYOUTS[family].shift and schedules  # the family's own sub-block schedule as well
+    if fast_schedule:
+        jobs.update({f"fd_{name}": (be, "FastDllmV2", kw) for name, (be, _, kw) in list(jobs.items())
+                     if name != "triton"})
+    toks = run_engines(jobs, path, prompts, max_new)
+    dense = toks["flashinfer"]
+    row["prompt_lens"] = [len(p) for p in prompts]
+    row["greedy_match"] = toks["mage_exact"] == dense
+    row["sparse_vs_flashinfer"] = agreement(toks["mage_sparse"], dense)
+    row["sparse_greedy_match"] = toks["mage_sparse"] == dense
+    if control:
+        row["triton_vs_flashinfer"] = agreement(toks["triton"], dense)
+    if fast_schedule:
+        row["fast_dllm_v2_schedule_greedy_match"] = toks["fd_mage_exact"] == toks["fd_flashinfer"]
+        row["fast_dllm_v2_schedule_sparse_vs_flashinfer"] = agreement(toks["fd_mage_sparse"], toks["fd_flashinfer"])
+        row["greedy_match"] = row["greedy_match"] and row["fast_dllm_v2_schedule_greedy_match"]
     w = {k: v.to(torch.bfloat16).float().cuda() for k, v in weights.items()}
     refs = [reference_low_confidence(w, cfg, family, p, max_new, device="cuda") for p in prompts]
     row["reference_vs_flashinfer"] = [r == d[: len(r)] for r, d in zip(refs, dense)]
@@ -163,14 +210,21 @@ def main():
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--no-control", action="store_true", help="skip the triton-vs-flashinfer noise control")
     ap.add_argument("--no-schedules", action="store_true", help="skip Fast-dLLM v2's own FastDllmV2 schedule")
+    ap.add_argument("--engine-job", help=argparse.SUPPRESS)  # internal: one engine run, from run_engines
     args = ap.parse_args()
+    if args.engine_job:
+        job = json.loads(args.engine_job)
+        toks = engine_tokens(job["path"], job["backend"], job["prompts"], job["max_new"], job["algorithm"], **job["extra"])
+        print("RESULT " + json.dumps(toks), flush=True)
+        return 0
     import sglang
 
     rows: list[dict] = []
     result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "sglang": sglang.__version__},
               "tolerances": {"bf16": f"max_abs_logit_err <= {BF16_TOL} x max |reference logit|"},
-              "engine": {"algorithm": "LowConfidence (+ FastDllmV2 for fast-dllm-v2)", "mage": MAGE,
+              "engine": {"algorithm": "LowConfidence (+ FastDllmV2 for fast-dllm-v2)", "mage_exact": MAGE_EXACT,
+                         "mage_sparse": MAGE_SPARSE, "context_length": CONTEXT_LEN,
                          "max_new_tokens": args.max_new, "disable_cuda_graph": True},
               "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

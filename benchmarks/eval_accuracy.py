@@ -101,17 +101,20 @@ def row(context, method, k, correct, task_names, recall=None, engine="reference"
     return out
 
 
-def method_grid(methods, ks):
-    return [(m, None) if m == "exact" else (m, k) for m in methods for k in ([None] if m == "exact" else ks)]
+def method_grid(methods, ks, baseline_ks=None):
+    """(method, k) pairs: exact once; mage at every k; quest and oracle at `baseline_ks` (default: every k)."""
+    def budgets(m):
+        return [None] if m == "exact" else (ks if m == "mage" or not baseline_ks else baseline_ks)
+    return [(m, k) for m in methods for k in budgets(m)]
 
 
 # ---- reference engine (PyTorch; CPU or GPU) ------------------------------------------------------------
-def eval_reference(model, data, methods, ks, sink, local, page_size, batch=8, log=print):
+def eval_reference(model, data, methods, ks, sink, local, page_size, batch=8, log=print, baseline_ks=None):
     """Rows for every (context, method, k), plus statistics per context (from the exact runs)."""
     rows, stats = [], {}
     device = next(model.parameters()).device
     for context, (prompts, answers, task_names) in data.items():
-        for method, k in method_grid(methods, ks):
+        for method, k in method_grid(methods, ks, baseline_ks):
             t0 = time.time()
             correct, recalls, layer_stats = [], [], []
             for s in range(0, prompts.shape[0], batch):
@@ -164,19 +167,57 @@ def sglang_engine_kwargs(method, k, args, context_length) -> dict:
 
 def generate_sglang(engine_kwargs: dict, prompts: list[list[int]]) -> list[list[int]]:
     """GPU only: one sgl.Engine, greedy, ANSWER_LEN new tokens (one block) per prompt."""
+    return generate_sglang_groups(engine_kwargs, [prompts])[0]
+
+
+def generate_sglang_groups(engine_kwargs: dict, groups: list[list[list[int]]]) -> list[list[list[int]]]:
+    """GPU only: one sgl.Engine answers every group of prompts (one group per context), in turn."""
     import sglang as sgl
 
     engine = sgl.Engine(**engine_kwargs)
     try:
         params = {"max_new_tokens": ANSWER_LEN, "temperature": 0.0, "ignore_eos": True}
-        outs = engine.generate(input_ids=prompts, sampling_params=params)
-        return [list(o["output_ids"])[:ANSWER_LEN] for o in outs]
+        return [[list(o["output_ids"])[:ANSWER_LEN] for o in engine.generate(input_ids=g, sampling_params=params)]
+                for g in groups]
     finally:
         engine.shutdown()
 
 
-def eval_sglang(data, methods, ks, args, generate=generate_sglang, log=print):
-    """Rows from SGLang's engine. `generate(engine_kwargs, prompts)` is injectable for CPU tests."""
+def run_engine_jobs(jobs: dict, parallel: int, log=print, timeout: float = 1800) -> dict:
+    """{name: (engine kwargs, groups)} -> {name: outputs}: each job is one engine in its own process, at most
+    `parallel` at once (an engine start is ~35 s of mostly CPU work; the tiny model leaves the GPU idle)."""
+    import tempfile
+
+    pending, running, out = list(jobs.items()), {}, {}
+    tmp = tempfile.mkdtemp(prefix="mage-acc-jobs-")
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            name, (kw, groups) = pending.pop(0)
+            spec = os.path.join(tmp, f"job{len(out) + len(running) + len(pending)}.json")
+            with open(spec, "w") as f:
+                json.dump({"kwargs": kw, "groups": groups}, f)
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--engine-job", spec],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            running[name] = (proc, time.time())
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is None and time.time() - started < timeout:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+            stdout, stderr = proc.communicate()
+            del running[name]
+            line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+            if not line:
+                raise RuntimeError(f"engine job {name} failed (rc {proc.returncode}): {stderr[-2000:]}")
+            out[name] = json.loads(line[-1][len("RESULT "):])
+            log(f"[sglang] {name} done ({time.time() - started:.0f}s)")
+        time.sleep(0.5)
+    return out
+
+
+def eval_sglang(data, methods, ks, args, generate=None, log=print):
+    """Rows from SGLang's engine: one engine per (method, k) answers every context. `generate(engine_kwargs,
+    prompts)` is injectable for CPU tests (then engines run in turn, in this process)."""
     if args.sglang_algorithm == "FixedSteps" and not args.algorithm_config:
         import tempfile
 
@@ -184,15 +225,27 @@ def eval_sglang(data, methods, ks, args, generate=generate_sglang, log=print):
         with open(args.algorithm_config, "w") as f:
             f.write(f"steps: {ANSWER_LEN}\n")
     context_length = max(p.shape[1] for p, _, _ in data.values()) + 4 * ANSWER_LEN
+    grid = method_grid(methods, ks, args.baseline_ks)
+    kwargs = {(m, k): sglang_engine_kwargs(m, k, args, context_length) for m, k in grid}
+    groups = [prompts.tolist() for prompts, _, _ in data.values()]
+    t0 = time.time()
+    if generate is None:
+        # Engines start at once: a fixed KV pool (max_total_tokens) under a large memory fraction, because
+        # SGLang charges memory that other engines take during its start-up against its own fraction.
+        pool = args.batch * (context_length + 4 * ANSWER_LEN)
+        jobs = {f"{m}-k{k}": (dict(kw, mem_fraction_static=0.5, max_total_tokens=pool), groups)
+                for (m, k), kw in kwargs.items()}
+        done = run_engine_jobs(jobs, args.parallel, log)
+        outputs = {(m, k): done[f"{m}-k{k}"] for m, k in grid}
+    else:
+        outputs = {key: [generate(kw, g) for g in groups] for key, kw in kwargs.items()}
     rows = []
-    for method, k in method_grid(methods, ks):
-        kw = sglang_engine_kwargs(method, k, args, context_length)
-        for context, (prompts, answers, task_names) in data.items():
-            t0 = time.time()
-            gen = generate(kw, prompts.tolist())
+    for method, k in grid:
+        for (context, (prompts, answers, task_names)), gen in zip(data.items(), outputs[(method, k)]):
             gen = torch.tensor([g + [-1] * (ANSWER_LEN - len(g)) for g in gen])
             rows.append(row(context, method, k, exact_match(gen, answers), task_names, engine="sglang"))
-            log(f"[sglang] ctx {context} {method:6s} k={k} acc {rows[-1]['accuracy']:.3f} ({time.time() - t0:.1f}s)")
+            log(f"[sglang] ctx {context} {method:6s} k={k} acc {rows[-1]['accuracy']:.3f}")
+    log(f"[sglang] {len(grid)} engines, {time.time() - t0:.0f}s")
     return rows
 
 
@@ -270,6 +323,8 @@ def parse_args(argv=None):
                     help="default: 512 2048 (reference), 2048 8192 32768 (sglang)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
+    ap.add_argument("--baseline-ks", type=int, nargs="+", default=None,
+                    help="budgets for quest and oracle (default: --ks)")
     ap.add_argument("--samples", type=int, default=32, help="samples per context (tasks mixed at random)")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--seed", type=int, default=0)
@@ -283,16 +338,23 @@ def parse_args(argv=None):
     ap.add_argument("--algorithm-config", default=None, help="YAML for --dllm-algorithm-config")
     ap.add_argument("--recall-from", default=None,
                     help="sglang: a reference-engine JSON whose recall fills the rows of the same (context, method, k)")
+    ap.add_argument("--parallel", type=int, default=6, help="sglang: engines running at once (own processes)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--engine-job", help=argparse.SUPPRESS)  # internal: one engine, from run_engine_jobs
     args = ap.parse_args(argv)
     if args.contexts is None:
         args.contexts = [512, 2048] if args.engine == "reference" else [2048, 8192, 32768]
     return args
 
 
-def main(argv=None, generate=generate_sglang, log=print) -> dict:
+def main(argv=None, generate=None, log=print) -> dict:
     args = parse_args(argv)
+    if args.engine_job:
+        with open(args.engine_job) as f:
+            job = json.load(f)
+        print("RESULT " + json.dumps(generate_sglang_groups(job["kwargs"], job["groups"])), flush=True)
+        return {}
     if args.engine == "sglang" and args.checkpoint == "random":
         raise SystemExit("--engine sglang needs a checkpoint directory (SGLang loads the weights itself)")
     block = 4
@@ -305,7 +367,7 @@ def main(argv=None, generate=generate_sglang, log=print) -> dict:
     if args.engine == "reference":
         model = load_model(args.checkpoint, args.device, args.seed)
         rows, stats = eval_reference(model, data, args.methods, args.ks, args.sink, args.local, args.page_size,
-                                     args.batch, log)
+                                     args.batch, log, args.baseline_ks)
     else:
         rows = eval_sglang(data, args.methods, args.ks, args, generate, log)
         if args.recall_from:
@@ -314,7 +376,7 @@ def main(argv=None, generate=generate_sglang, log=print) -> dict:
     result = {
         "note": RANDOM_NOTE if args.checkpoint == "random" else None,
         "config": {"engine": args.engine, "checkpoint": args.checkpoint, "contexts": args.contexts,
-                   "methods": args.methods, "ks": args.ks, "samples": args.samples, "tasks": args.tasks,
+                   "methods": args.methods, "ks": args.ks, "baseline_ks": args.baseline_ks or args.ks, "samples": args.samples, "tasks": args.tasks,
                    "seed": args.seed, "sink": args.sink, "local": args.local, "quest_page_size": args.page_size,
                    "prompt_lengths": {str(c): int(p.shape[1]) for c, (p, _, _) in data.items()},
                    "schedule": "FixedSteps, ANSWER_LEN steps" if args.engine == "reference" else args.sglang_algorithm,

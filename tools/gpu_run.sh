@@ -5,11 +5,16 @@
 # into $OUT/cache.tgz (carry it back as .cache/fi.tgz: the next machine skips FlashInfer's ~3-minute build).
 # Jobs:
 #   train-bg      start the tiny-checkpoint training in the background (TRAIN_ARGS, TRAIN_MINUTES)
+#   graphcheck    benchmarks/cuda_graph_check.py: graph vs eager mage engines -> cuda_graph_check.json
+#   eval          eval_accuracy.py on $CKPT: sglang engine (EVAL_ARGS) and reference engine on cuda (EVAL_REF_ARGS)
+#   robust-bg     benchmarks/robustness.py (ROBUST_ARGS) in the background; wait-robust waits for it
 #   tests         pytest -m gpu on the kernels, FlashInfer's LSE and block-causal prefill (not the e2e suite)
 #   adapters      benchmarks/adapters_check.py -> adapters.json
 #   kernels       benchmarks/bench_kernels.py (KERNEL_ARGS) -> kernels.json
 #   e2e           benchmarks/bench_e2e.py (E2E_ARGS) -> e2e.json
 #   wait-train    wait for train-bg, then evaluate the checkpoint (eval_accuracy.py, EVAL_ARGS)
+#   sweep-bg      start one training per SWEEP_1..SWEEP_4 (extra train.py args) at once, in the background
+#   wait-sweep    wait for them; the run whose last held-out eval is best becomes $CKPT (logs of all come back)
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 R=$OUT/r
@@ -35,6 +40,40 @@ for job in "$@"; do
       mkdir -p "$(dirname "$CKPT")"
       python -m training.train --out "$CKPT" --minutes "${TRAIN_MINUTES:-6}" ${TRAIN_ARGS:-} > "$R/train.log" 2>&1 &
       train_pid=$! ;;
+    sweep-bg)
+      sweep_pids=""
+      for i in 1 2 3 4; do
+        var=SWEEP_$i; [ -z "${!var:-}" ] && continue
+        mkdir -p /tmp/sweep/$i
+        python -m training.train --out /tmp/sweep/$i --minutes "${TRAIN_MINUTES:-6}" ${TRAIN_ARGS:-} ${!var} \
+          > "$R/sweep$i.log" 2>&1 &
+        sweep_pids="$sweep_pids $!"
+      done ;;
+    wait-sweep)
+      wait $sweep_pids
+      best=$(python tools/pick_checkpoint.py /tmp/sweep/*/training_args.json 2>>"$R/gpu_run.log")
+      stamp "best sweep run: $best"
+      for d in /tmp/sweep/*; do cp "$d/training_args.json" "$R/sweep$(basename "$d")_args.json" 2>/dev/null; \
+        cp "$d/train_log.jsonl" "$R/sweep$(basename "$d")_log.jsonl" 2>/dev/null; done
+      [ -n "$best" ] && mkdir -p "$(dirname "$CKPT")" && rm -rf "$CKPT" && cp -r "$best" "$CKPT" ;;
+    graphcheck)  # mage sparse steps under SGLang's dLLM CUDA graph vs eager (benchmarks/cuda_graph_check.py)
+      timeout "${GRAPH_TIMEOUT:-240}" python benchmarks/cuda_graph_check.py --out "$R/cuda_graph_check.json" \
+        > "$R/cuda_graph_check.log" 2>&1; echo "graphcheck rc=$?"; tail -8 "$R/cuda_graph_check.log" ;;
+    eval)  # the checkpoint through SGLang (EVAL_ARGS) and, at once, the reference engine for recall (EVAL_REF_ARGS)
+      if [ -f "$CKPT/model.safetensors" ]; then
+        timeout "${EVAL_TIMEOUT:-240}" python benchmarks/eval_accuracy.py --engine reference --device cuda \
+          --checkpoint "$CKPT" --out "$R/accuracy_reference.json" ${EVAL_REF_ARGS:-} > "$R/eval_reference.log" 2>&1 &
+        ref_pid=$!
+        timeout "${EVAL_TIMEOUT:-240}" python benchmarks/eval_accuracy.py --engine sglang --checkpoint "$CKPT" \
+          --out "$R/accuracy_sglang.json" ${EVAL_ARGS:-} > "$R/eval.log" 2>&1; echo "eval rc=$?"
+        wait $ref_pid; echo "reference eval rc=$?"; grep -v "Ignore import" "$R/eval.log" | tail -16
+        tail -14 "$R/eval_reference.log"
+      fi ;;
+    robust-bg)  # benchmarks/robustness.py (ROBUST_ARGS) in the background, next to the other jobs
+      python benchmarks/robustness.py --out "$R/robustness.json" ${ROBUST_ARGS:-} > "$R/robustness.log" 2>&1 &
+      robust_pid=$! ;;
+    wait-robust)
+      wait "$robust_pid"; echo "robustness rc=$?"; tr '\r' '\n' < "$R/robustness.log" | grep -v "Ignore import" | tail -12 ;;
     tests)
       timeout 300 python -m pytest -m gpu -q -p no:cacheprovider tests/ops tests/gpu/test_flashinfer_lse.py \
         tests/gpu/test_block_causal_gpu.py > "$R/gpu_tests.txt" 2>&1; tail -3 "$R/gpu_tests.txt" ;;

@@ -50,24 +50,25 @@ def quest_scores(q_block, k_prefix_kv, page_size: int) -> torch.Tensor:
     n, hq, b, d = q_block.shape
     hkv, p = k_prefix_kv.shape[1], k_prefix_kv.shape[2]
     k_buffer = k_prefix_kv.permute(0, 2, 1, 3).reshape(n * p, hkv, d)
-    req_to_token = torch.arange(n * p, dtype=torch.int32).view(n, p)
-    pool = torch.arange(n)
-    prefix_lens = torch.full((n,), p, dtype=torch.int32)
+    dev = k_prefix_kv.device
+    req_to_token = torch.arange(n * p, dtype=torch.int32, device=dev).view(n, p)
+    pool = torch.arange(n, device=dev)
+    prefix_lens = torch.full((n,), p, dtype=torch.int32, device=dev)
     kmin, kmax = page_bounds(k_buffer, req_to_token, pool, prefix_lens, page_size, p)
-    qo_indptr = torch.arange(n + 1, dtype=torch.int32) * b
+    qo_indptr = torch.arange(n + 1, dtype=torch.int32, device=dev) * b
     q_mean = quest.block_mean_query(q_block.permute(0, 2, 1, 3).reshape(n * b, hq, d), qo_indptr, hkv, b)
     return quest.quest_position_scores(q_mean, kmin, kmax, prefix_lens, page_size, p)
 
 
-def forced_positions(n_pos: int, sink: int, local: int) -> torch.Tensor:
+def forced_positions(n_pos: int, sink: int, local: int, device=None) -> torch.Tensor:
     """[n_pos] bool: the sinks [0, sink) and the local window [n_pos - local, n_pos)."""
-    pos = torch.arange(n_pos)
+    pos = torch.arange(n_pos, device=device)
     return (pos < sink) | (pos >= n_pos - local)
 
 
 def top_outside(scores: torch.Tensor, exclude: torch.Tensor, k: int) -> torch.Tensor:
     """[..., P] bool: the top-k positions by score outside `exclude` ([P] bool)."""
-    top = torch.zeros(scores.shape, dtype=torch.bool)
+    top = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     n_top = min(k, int((~exclude).sum()))
     if n_top > 0:
         top.scatter_(-1, scores.float().masked_fill(exclude, float("-inf")).topk(n_top, dim=-1).indices, True)
@@ -121,8 +122,8 @@ class SparseAttention:
             out["topk_mass"][k] = share.mean().item()
             cv = share.std(dim=1, unbiased=False) / share.mean(dim=1).clamp_min(1e-30) if share.shape[1] > 1 else share * 0
             out["head_cv"][k] = cv.mean().item()
-            _, union, coverage = vote_candidates(rows, torch.ones(n, b * group, dtype=torch.bool),
-                                                 torch.full((n,), p), k)
+            _, union, coverage = vote_candidates(rows, torch.ones(n, b * group, dtype=torch.bool, device=rows.device),
+                                                 torch.full((n,), p, device=rows.device), k)
             out["vote_layer_score"][k] = layer_score(union, coverage).mean().item()
         self.stats[layer_idx] = out
 
@@ -139,7 +140,7 @@ class SparseAttention:
             probs = self._block_mean(exact[..., :p], group)  # [N, Hkv, P]
             if self.step == 0 and self.stats_ks:
                 self._layer_stats(layer_idx, exact[..., :p], group)
-            forced = forced_positions(p, self.sink, self.local)
+            forced = forced_positions(p, self.sink, self.local, q.device)
             if self.method is None:
                 block_probs = exact
             else:

@@ -157,8 +157,23 @@ def held_out_accuracy(model, contexts, samples: int, block: int, device, seed: i
     return out
 
 
+def parse_stages(text: str) -> list[tuple[float, list[int]]]:
+    """'0:64,128;0.5:512,2048' -> [(0.0, [64, 128]), (0.5, [512, 2048])]: from each share of the time budget
+    on, contexts are drawn from that stage's list."""
+    stages = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        at, _, ctxs = part.partition(":")
+        stages.append((float(at), [int(c) for c in ctxs.split(",")]))
+    if not stages or stages[0][0] != 0.0 or any(b[0] <= a[0] for a, b in zip(stages, stages[1:])):
+        raise ValueError(f"--stages must start at 0 and increase: {text!r}")
+    return stages
+
+
 def context_for(step_fraction: float, args, rng: random.Random) -> int:
-    """Warm-up on short contexts (a retrieval mechanism forms there in far fewer tokens), then the full mix."""
+    """A curriculum over the time budget: a retrieval mechanism forms on short contexts in far fewer tokens,
+    then longer ones teach it to reach far. --stages if given, else --warmup-context then --context."""
+    if getattr(args, "stages", None):
+        return rng.choice([c for at, c in parse_stages(args.stages) if at <= step_fraction][-1])
     if step_fraction < args.warmup_fraction:
         return rng.choice(args.warmup_context)
     return rng.choice(args.context)
@@ -180,9 +195,9 @@ class BatchStream(torch.utils.data.IterableDataset):
             ctx = context_for((time.time() - self.start) / budget, self.args, rng)
             n = samples_per_step(self.args, ctx)
             if self.args.queries > 1:
-                yield (ctx,) + multi_query_batch(rng, n, ctx, self.block, self.args.queries)
+                yield (ctx,) + multi_query_batch(rng, n, ctx, self.block, self.args.queries, tuple(self.args.tasks))
             else:
-                yield (ctx,) + padded_batch(rng, n, ctx, self.block)[:2]
+                yield (ctx,) + padded_batch(rng, n, ctx, self.block, tuple(self.args.tasks))[:2]
 
 
 def samples_per_step(args, ctx: int) -> int:
@@ -199,6 +214,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--warmup-context", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--warmup-fraction", type=float, default=0.0, help="share of the time budget on --warmup-context")
+    ap.add_argument("--stages", default="", help="curriculum 'share:ctx,ctx;share:ctx,...' (overrides the warm-up flags)")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="training tasks")
     ap.add_argument("--batch", type=int, default=8, help="samples per step at the shortest context")
     ap.add_argument("--tokens-per-step", type=int, default=0,
                     help="if set, samples per step = tokens-per-step // context (overrides --batch scaling)")
@@ -214,6 +231,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--queries", type=int, default=1,
                     help="questions asked of each training sequence (>1: every answer block is a loss term)")
     args = ap.parse_args(argv)
+    if args.stages:
+        parse_stages(args.stages)  # fail before any work
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     cfg = TinyConfig(hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers)
@@ -226,6 +245,14 @@ def main(argv=None) -> dict:
     log = open(os.path.join(args.out, "train_log.jsonl"), "w")
     stream = iter(torch.utils.data.DataLoader(BatchStream(args, cfg.block_size, start), batch_size=None,
                                               num_workers=args.workers, prefetch_factor=4 if args.workers else None))
+    def evaluate(step: int) -> None:
+        with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            acc = held_out_accuracy(model, args.eval_contexts, args.eval_samples, cfg.block_size, args.device)
+        evals.append({"step": step, "s": round(time.time() - start, 1), "accuracy": acc})
+        print("EVAL " + json.dumps(evals[-1]), flush=True)
+        log.write(json.dumps(evals[-1]) + "\n")
+        log.flush()
+
     for step in range(args.steps):
         elapsed = time.time() - start
         if elapsed > budget:
@@ -251,13 +278,10 @@ def main(argv=None) -> dict:
             print(f"step {step} ctx {ctx} n {n} loss {loss.item():.3f} lr {lr:.2e} ({elapsed:.0f}s)", flush=True)
             log.write(json.dumps({"step": step, "ctx": ctx, "loss": round(loss.item(), 4), "s": round(elapsed, 1)}) + "\n")
         if args.eval_every and time.time() - last_eval > args.eval_every:
-            with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-                acc = held_out_accuracy(model, args.eval_contexts, args.eval_samples, cfg.block_size, args.device)
-            evals.append({"step": step, "s": round(time.time() - start, 1), "accuracy": acc})
-            print("EVAL " + json.dumps(evals[-1]), flush=True)
-            log.write(json.dumps(evals[-1]) + "\n")
-            log.flush()
+            evaluate(step)
             last_eval = time.time()
+    if args.eval_every and history:  # the shipped weights' own figures, not the last periodic ones
+        evaluate(len(history) - 1)
     log.close()
     train_args = {**vars(args), "config": dataclasses.asdict(cfg), "steps_run": len(history),
                   "seconds": round(time.time() - start, 1), "final_loss": history[-1] if history else None,

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from training.tasks import ANSWER_LEN, TASKS, VALUES, VOCAB_SIZE, make_sample, solve
+from training.tasks import ANSWER_LEN, TASKS, VALUE_SLOTS, VOCAB_SIZE, make_sample, solve
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -14,7 +14,7 @@ def test_answer_is_determined_by_the_prompt(task, context_len):
     for _ in range(5):
         s = make_sample(task, context_len, rng)
         assert solve(s) == s.answer
-        assert len(s.answer) == ANSWER_LEN and all(t in VALUES for t in s.answer)
+        assert len(s.answer) == ANSWER_LEN and all(t in VALUE_SLOTS[j] for j, t in enumerate(s.answer))
         assert all(0 <= t < VOCAB_SIZE for t in s.prompt)
         assert context_len - 8 <= len(s.prompt) <= context_len + 64
 

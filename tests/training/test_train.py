@@ -2,6 +2,9 @@
 reloads to the same model, and greedy block decoding fills the answer block."""
 
 import json
+import random
+
+import pytest
 
 import torch
 
@@ -80,3 +83,19 @@ def test_multi_query_training_smoke(tmp_path):
     out = train.main(["--out", str(tmp_path), "--steps", "30", "--context", "64", "--batch", "8", "--device", "cpu",
                       "--hidden", "64", "--layers", "2", "--queries", "4"])
     assert len(out["history"]) == 30 and all(map(lambda x: x == x, out["history"]))
+
+
+def test_curriculum_stages_follow_the_time_budget():
+    import argparse
+
+    from training.train import context_for, parse_stages
+
+    assert parse_stages("0:64,128; 0.5:512") == [(0.0, [64, 128]), (0.5, [512])]
+    for bad in ("0.1:64", "0:64;0.5:128;0.4:256", ""):
+        with pytest.raises(ValueError, match="--stages"):
+            parse_stages(bad)
+    args = argparse.Namespace(stages="0:64,128;0.5:512;0.9:8192")
+    rng = random.Random(0)
+    assert {context_for(0.2, args, rng) for _ in range(50)} == {64, 128}
+    assert {context_for(0.5, args, rng) for _ in range(10)} == {512}
+    assert {context_for(0.95, args, rng) for _ in range(10)} == {8192}
