@@ -77,6 +77,28 @@ def _architecture(server_args: Any) -> str | None:
         return None
 
 
+def _graph_off_unless_capturable(server_args: Any) -> None:
+    """A dLLM model class outside GRAPH_CAPTURABLE_ARCHITECTURES (one an adapter of this plugin adds) runs
+    eagerly with every backend: flashinfer's dLLM graph would capture it with the same extend-less batch."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+
+    graphs = getattr(server_args, "cuda_graph_config", None)
+    arch = _architecture(server_args)
+    if graphs is None or graphs.decode.backend == Backend.DISABLED or arch is None:
+        return
+    if arch not in GRAPH_CAPTURABLE_ARCHITECTURES and arch in _plugin_architectures():
+        logger.warning("sglang-mage: the dLLM decode CUDA graph is turned off for %s (its model class reads "
+                       "per-forward extend offsets, which a captured batch lacks); every step runs eagerly", arch)
+        graphs.decode.backend = Backend.DISABLED
+
+
+def _plugin_architectures() -> frozenset:
+    """Architectures whose model class this plugin registers (the rest belong to SGLang, which decides)."""
+    from .model_adapters.fast_dllm_v2 import ARCHITECTURE as FAST_DLLM_V2
+
+    return frozenset({FAST_DLLM_V2})
+
+
 def handle_dllm_inference_around(original: Any, self: Any) -> Any:
     """Why: `ServerArgs._handle_dllm_inference` silently replaces any attention backend by flashinfer while
     the dLLM decode CUDA graph is on. mage captures its sparse DLLM_EXTEND steps in that graph
@@ -84,17 +106,9 @@ def handle_dllm_inference_around(original: Any, self: Any) -> Any:
     `--disable-cuda-graph`), and SGLang's branch is shown `flashinfer` so that it keeps its hands off; every
     other effect of that method is SGLang's own. Architectures outside GRAPH_CAPTURABLE_ARCHITECTURES get the
     graph turned off, loudly. Remove when SGLang stops overriding the dLLM backend."""
+    if getattr(self, "dllm_algorithm", None):
+        _graph_off_unless_capturable(self)
     if getattr(self, "attention_backend", None) == BACKEND_NAME and getattr(self, "dllm_algorithm", None):
-        from sglang.srt.model_executor.cuda_graph_config import Backend
-
-        graphs = getattr(self, "cuda_graph_config", None)
-        arch = _architecture(self)
-        if graphs is not None and graphs.decode.backend != Backend.DISABLED and arch is not None and (
-            arch not in GRAPH_CAPTURABLE_ARCHITECTURES
-        ):
-            logger.warning("sglang-mage: the dLLM decode CUDA graph is turned off for %s (its model class is not "
-                           "known to be capturable); mage steps run eagerly", arch)
-            graphs.decode.backend = Backend.DISABLED
         if getattr(self, "max_running_requests", 0) is None:
             logger.info(
                 "sglang-mage: --max-running-requests defaults to %d with --attention-backend mage (SGLang's "

@@ -422,6 +422,16 @@ def test_hook_keeps_mage_and_the_users_graph_setting_for_capturable_models():
     a = args("full", "Fast_dLLM_QwenForCausalLM")
     hooks.handle_dllm_inference_around(upstream, a)
     assert a.attention_backend == "mage" and a.cuda_graph_config.decode.backend == disabled
+    # ... and with flashinfer too, whose dLLM graph would capture it the same way.
+    f = args("full", "Fast_dLLM_QwenForCausalLM")
+    f.attention_backend = "flashinfer"
+    hooks.handle_dllm_inference_around(upstream, f)
+    assert f.attention_backend == "flashinfer" and f.cuda_graph_config.decode.backend == disabled
+    # SGLang's own dLLM classes under other backends are SGLang's business.
+    g = args("full", "SDARForCausalLM")
+    g.attention_backend = "flashinfer"
+    hooks.handle_dllm_inference_around(upstream, g)
+    assert g.cuda_graph_config.decode.backend == "full"
 
 
 def test_real_server_args_keep_mage_with_the_graph_on_and_honour_disable_cuda_graph(tmp_path):
