@@ -115,3 +115,28 @@ def test_shipped_checkpoint_accuracy(tmp_path):
     acc = {r["method"]: r["accuracy"] for r in res["rows"]}
     assert acc["exact"] >= SHIPPED_MIN_EXACT_ACCURACY, res["rows"]
     assert acc["mage"] >= SHIPPED_MIN_MAGE_ACCURACY, res["rows"]
+
+
+def test_method_grid_gives_quest_and_oracle_their_own_budgets():
+    grid = ea.method_grid(["exact", "mage", "quest", "oracle"], [64, 128, 256, 512], baseline_ks=[128, 512])
+    assert grid == [("exact", None), ("mage", 64), ("mage", 128), ("mage", 256), ("mage", 512),
+                    ("quest", 128), ("quest", 512), ("oracle", 128), ("oracle", 512)]
+    assert ea.method_grid(["quest"], [64, 128]) == [("quest", 64), ("quest", 128)]
+
+
+def test_pick_checkpoint_prefers_the_best_last_evaluation(tmp_path):
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    runs = {"a": [{"accuracy": {"512": {"all": 0.9}, "8192": {"all": 0.1}}}],
+            "b": [{"accuracy": {"512": {"all": 0.0}, "8192": {"all": 0.0}}},
+                  {"accuracy": {"512": {"all": 0.6}, "8192": {"all": 0.6}}}],
+            "c": []}
+    paths = []
+    for name, evals in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training_args.json").write_text(json.dumps({"evals": evals}))
+        paths.append(str(tmp_path / name / "training_args.json"))
+    out = subprocess.run([sys.executable, os.path.join(root, "tools", "pick_checkpoint.py"), *paths,
+                          str(tmp_path / "missing" / "training_args.json")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / "b")  # mean 0.6 beats 0.5; a run without evals never wins
