@@ -42,6 +42,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import engine_jobs  # noqa: E402
 from reference_models import BLOCK_MASK, LAYOUTS, random_weights, reference_forward, tiny_config  # noqa: E402
 
 ARCH = {"sdar": ("SDARForCausalLM", "qwen3"), "fast-dllm-v2": ("Fast_dLLM_QwenForCausalLM", "qwen2"),
@@ -113,29 +114,10 @@ def engine_tokens(path: str, backend: str, prompts, max_new: int, algorithm: str
 
 
 def run_engines(jobs: dict, path: str, prompts, max_new: int, timeout: float = 420) -> dict:
-    """{name: (backend, algorithm, engine kwargs)} -> {name: tokens}, every engine in its own process at once
-    (an engine start costs ~35 s, mostly CPU; a tiny model leaves the GPU idle)."""
-    procs = {}
-    for name, (backend, algorithm, extra) in jobs.items():
-        spec = json.dumps({"path": path, "backend": backend, "algorithm": algorithm, "extra": extra,
-                           "prompts": prompts, "max_new": max_new})
-        procs[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--engine-job", spec],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, errors = {}, {}
-    for name, proc in procs.items():
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-        line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-        if line:
-            out[name] = json.loads(line[-1][len("RESULT "):])
-        else:
-            errors[name] = stderr[-1500:]
-    if errors:
-        raise RuntimeError(f"engine job(s) failed: {errors}")
-    return out
+    """{name: (backend, algorithm, engine kwargs)} -> {name: tokens}, every engine in its own process at once."""
+    specs = {name: {"path": path, "backend": backend, "algorithm": algorithm, "extra": extra, "prompts": prompts,
+                    "max_new": max_new} for name, (backend, algorithm, extra) in jobs.items()}
+    return engine_jobs.run_jobs(os.path.abspath(__file__), specs, timeout=timeout)
 
 
 def model_class_errors(family: str, cfg: dict, dtype: str) -> dict:
@@ -144,10 +126,10 @@ def model_class_errors(family: str, cfg: dict, dtype: str) -> dict:
     script = os.path.join(HERE, "..", "tests", "adapters", "model_class_forward.py")
     out = subprocess.run([sys.executable, script, family, "--device", "cuda", "--dtype", dtype,
                           "--config", json.dumps(cfg)], capture_output=True, text=True, timeout=300)
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not line:
+    result = engine_jobs.parse_result(out.stdout)
+    if result is None:
         raise RuntimeError(f"model class run failed: {out.stderr[-2000:]}")
-    return json.loads(line[0][len("RESULT "):])
+    return result
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -213,9 +195,9 @@ def main():
     ap.add_argument("--engine-job", help=argparse.SUPPRESS)  # internal: one engine run, from run_engines
     args = ap.parse_args()
     if args.engine_job:
-        job = json.loads(args.engine_job)
-        toks = engine_tokens(job["path"], job["backend"], job["prompts"], job["max_new"], job["algorithm"], **job["extra"])
-        print("RESULT " + json.dumps(toks), flush=True)
+        job = engine_jobs.load_spec(args.engine_job)
+        engine_jobs.emit(engine_tokens(job["path"], job["backend"], job["prompts"], job["max_new"], job["algorithm"],
+                                       **job["extra"]))
         return 0
     import sglang
 

@@ -49,6 +49,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.append(ROOT)  # training/ (not installed); appended so an installed sglang_mage stays first
 
+sys.path.insert(0, HERE)  # benchmarks/engine_jobs.py
+import engine_jobs  # noqa: E402
 from training import train  # noqa: E402
 from training.model import TinyConfig, TinySDAR  # noqa: E402
 from training.sparse_reference import decode_with_method  # noqa: E402
@@ -183,38 +185,6 @@ def generate_sglang_groups(engine_kwargs: dict, groups: list[list[list[int]]]) -
         engine.shutdown()
 
 
-def run_engine_jobs(jobs: dict, parallel: int, log=print, timeout: float = 1800) -> dict:
-    """{name: (engine kwargs, groups)} -> {name: outputs}: each job is one engine in its own process, at most
-    `parallel` at once (an engine start is ~35 s of mostly CPU work; the tiny model leaves the GPU idle)."""
-    import tempfile
-
-    pending, running, out = list(jobs.items()), {}, {}
-    tmp = tempfile.mkdtemp(prefix="mage-acc-jobs-")
-    while pending or running:
-        while pending and len(running) < max(1, parallel):
-            name, (kw, groups) = pending.pop(0)
-            spec = os.path.join(tmp, f"job{len(out) + len(running) + len(pending)}.json")
-            with open(spec, "w") as f:
-                json.dump({"kwargs": kw, "groups": groups}, f)
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--engine-job", spec],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            running[name] = (proc, time.time())
-        for name, (proc, started) in list(running.items()):
-            if proc.poll() is None and time.time() - started < timeout:
-                continue
-            if proc.poll() is None:
-                proc.kill()
-            stdout, stderr = proc.communicate()
-            del running[name]
-            line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-            if not line:
-                raise RuntimeError(f"engine job {name} failed (rc {proc.returncode}): {stderr[-2000:]}")
-            out[name] = json.loads(line[-1][len("RESULT "):])
-            log(f"[sglang] {name} done ({time.time() - started:.0f}s)")
-        time.sleep(0.5)
-    return out
-
-
 def eval_sglang(data, methods, ks, args, generate=None, log=print):
     """Rows from SGLang's engine: one engine per (method, k) answers every context. `generate(engine_kwargs,
     prompts)` is injectable for CPU tests (then engines run in turn, in this process)."""
@@ -233,9 +203,9 @@ def eval_sglang(data, methods, ks, args, generate=None, log=print):
         # Engines start at once: a fixed KV pool (max_total_tokens) under a large memory fraction, because
         # SGLang charges memory that other engines take during its start-up against its own fraction.
         pool = args.batch * (context_length + 4 * ANSWER_LEN)
-        jobs = {f"{m}-k{k}": (dict(kw, mem_fraction_static=0.5, max_total_tokens=pool), groups)
+        jobs = {f"{m}-k{k}": {"kwargs": dict(kw, mem_fraction_static=0.5, max_total_tokens=pool), "groups": groups}
                 for (m, k), kw in kwargs.items()}
-        done = run_engine_jobs(jobs, args.parallel, log)
+        done = engine_jobs.run_jobs(os.path.abspath(__file__), jobs, args.parallel, log=log)
         outputs = {(m, k): done[f"{m}-k{k}"] for m, k in grid}
     else:
         outputs = {key: [generate(kw, g) for g in groups] for key, kw in kwargs.items()}
@@ -341,7 +311,7 @@ def parse_args(argv=None):
     ap.add_argument("--parallel", type=int, default=6, help="sglang: engines running at once (own processes)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--engine-job", help=argparse.SUPPRESS)  # internal: one engine, from run_engine_jobs
+    ap.add_argument("--engine-job", help=argparse.SUPPRESS)  # internal: one engine, from engine_jobs.run_jobs
     args = ap.parse_args(argv)
     if args.contexts is None:
         args.contexts = [512, 2048] if args.engine == "reference" else [2048, 8192, 32768]
@@ -351,9 +321,8 @@ def parse_args(argv=None):
 def main(argv=None, generate=None, log=print) -> dict:
     args = parse_args(argv)
     if args.engine_job:
-        with open(args.engine_job) as f:
-            job = json.load(f)
-        print("RESULT " + json.dumps(generate_sglang_groups(job["kwargs"], job["groups"])), flush=True)
+        job = engine_jobs.load_spec(args.engine_job)
+        engine_jobs.emit(generate_sglang_groups(job["kwargs"], job["groups"]))
         return {}
     if args.engine == "sglang" and args.checkpoint == "random":
         raise SystemExit("--engine sglang needs a checkpoint directory (SGLang loads the weights itself)")
