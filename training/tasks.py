@@ -38,19 +38,19 @@ class Sample:
 
 
 def _distinct(rng: random.Random, pool: range, n: int, width: int) -> list[tuple[int, ...]]:
-    seen: set[tuple[int, ...]] = set()
-    while len(seen) < n:
-        seen.add(tuple(rng.choice(pool) for _ in range(width)))
-    out = list(seen)
-    rng.shuffle(out)
-    return out
+    return _distinct_codes(rng, (pool,) * width, n)
 
 
 def _values(rng: random.Random, n: int) -> list[tuple[int, ...]]:
     """n distinct ANSWER_LEN-token codes, token j from VALUE_SLOTS[j]."""
+    return _distinct_codes(rng, VALUE_SLOTS[:ANSWER_LEN], n)
+
+
+def _distinct_codes(rng: random.Random, pools, n: int) -> list[tuple[int, ...]]:
+    """n distinct codes, token j drawn from pools[j], in random order."""
     seen: set[tuple[int, ...]] = set()
     while len(seen) < n:
-        seen.add(tuple(rng.choice(VALUE_SLOTS[j]) for j in range(ANSWER_LEN)))
+        seen.add(tuple(rng.choice(pool) for pool in pools))
     out = list(seen)
     rng.shuffle(out)
     return out

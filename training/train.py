@@ -169,11 +169,15 @@ def parse_stages(text: str) -> list[tuple[float, list[int]]]:
     return stages
 
 
+_PARSED_STAGES: dict[str, list] = {}  # context_for runs per batch, in every data worker
+
+
 def context_for(step_fraction: float, args, rng: random.Random) -> int:
     """A curriculum over the time budget: a retrieval mechanism forms on short contexts in far fewer tokens,
     then longer ones teach it to reach far. --stages if given, else --warmup-context then --context."""
     if getattr(args, "stages", None):
-        return rng.choice([c for at, c in parse_stages(args.stages) if at <= step_fraction][-1])
+        stages = _PARSED_STAGES.get(args.stages) or _PARSED_STAGES.setdefault(args.stages, parse_stages(args.stages))
+        return rng.choice([c for at, c in stages if at <= step_fraction][-1])
     if step_fraction < args.warmup_fraction:
         return rng.choice(args.warmup_context)
     return rng.choice(args.context)
