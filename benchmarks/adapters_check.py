@@ -117,7 +117,12 @@ def run_engines(jobs: dict, path: str, prompts, max_new: int, timeout: float = 4
     """{name: (backend, algorithm, engine kwargs)} -> {name: tokens}, every engine in its own process at once."""
     specs = {name: {"path": path, "backend": backend, "algorithm": algorithm, "extra": extra, "prompts": prompts,
                     "max_new": max_new} for name, (backend, algorithm, extra) in jobs.items()}
-    return engine_jobs.run_jobs(os.path.abspath(__file__), specs, timeout=timeout)
+    return engine_jobs.run_jobs(os.path.abspath(__file__), specs, timeout=timeout, log=progress)
+
+
+def progress(message: str) -> None:
+    """Stage timings on stderr: a run cut off at the device's limit still shows where its time went."""
+    print(f"[adapters {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def model_class_errors(family: str, cfg: dict, dtype: str) -> dict:
@@ -148,6 +153,7 @@ def check_family(root: str, family: str, max_new: int = 64, control: bool = True
     weights = random_weights(cfg, family)
     row: dict = {"family": family, "architecture": ARCH[family][0], "block_size": block, "config": cfg}
     t0 = time.time()
+    progress(f"{family}: model class forward vs reference")
     try:
         bf16 = model_class_errors(family, cfg, "bf16")
         row.update(max_abs_logit_err=bf16["max_abs_err"], logit_scale=bf16["scale"],
@@ -166,7 +172,9 @@ def check_family(root: str, family: str, max_new: int = 64, control: bool = True
     if fast_schedule:
         jobs.update({f"fd_{name}": (be, "FastDllmV2", kw) for name, (be, _, kw) in list(jobs.items())
                      if name != "triton"})
+    progress(f"{family}: {len(jobs)} engines ({', '.join(jobs)})")
     toks = run_engines(jobs, path, prompts, max_new)
+    progress(f"{family}: engines done; plain PyTorch reference decode")
     dense = toks["flashinfer"]
     row["prompt_lens"] = [len(p) for p in prompts]
     row["greedy_match"] = toks["mage_exact"] == dense

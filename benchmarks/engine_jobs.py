@@ -37,8 +37,12 @@ def load_spec(path: str) -> dict:
 def run_jobs(script: str, jobs: dict, parallel: int | None = None, timeout: float = 1800, log=None) -> dict:
     """{name: spec (JSON-able)} -> {name: result}: each job is `script --engine-job <spec file>` in its own
     process, at most `parallel` at once (None: all), each killed after `timeout` s. Raises naming every
-    failed job with the end of its stderr."""
-    tmp = tempfile.mkdtemp(prefix="engine-jobs-")
+    failed job with the end of its stderr. The children's files stay in $ENGINE_JOBS_DIR when it is set (so a
+    GPU run brings back the log of a job that hung), else in a fresh temporary folder."""
+    keep = os.environ.get("ENGINE_JOBS_DIR")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="engine-jobs-", dir=keep or None)
     pending, running, out, errors = list(jobs.items()), {}, {}, {}
     limit = len(jobs) if parallel is None else max(1, parallel)
     while pending or running:

@@ -37,8 +37,11 @@ def post(url: str, body: dict, timeout: float = 600) -> dict:
         return json.loads(r.read() or b"{}")
 
 
+PROMPT_TOKENS = (100, 150000)  # main() narrows it to a checkpoint's own vocabulary
+
+
 def prompt(rng: random.Random, lo: int, hi: int) -> list[int]:
-    return [rng.randrange(100, 150000) for _ in range(rng.randint(lo, hi))]
+    return [rng.randrange(*PROMPT_TOKENS) for _ in range(rng.randint(lo, hi))]
 
 
 class Client:
@@ -159,6 +162,8 @@ def start_server(model_path: str | None, port: int, stats_path: str, log_path: s
 
         model_path = write(os.path.join(tempfile.mkdtemp(), "tiny-sdar"))
         extra = ["--load-format", "dummy", "--skip-tokenizer-init", *extra]
+    elif not any(os.path.exists(os.path.join(model_path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        extra = ["--skip-tokenizer-init", *extra]  # the shipped checkpoint speaks token ids only
     env = dict(os.environ, SGLANG_MAGE_STATS_PATH=stats_path)
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--port", str(port),
            "--dllm-algorithm", "LowConfidence", "--attention-backend", "mage", "--mage-k", "64",
@@ -190,6 +195,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
+    global PROMPT_TOKENS
+    sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+    from tiny_model import prompt_token_range
+
+    PROMPT_TOKENS = prompt_token_range(args.model_path)
     tmp = tempfile.mkdtemp(prefix="mage-robust-")
     stats_path, log_path = os.path.join(tmp, "stats.json"), os.path.join(tmp, "server.log")
     server = start_server(args.model_path, args.port, stats_path, log_path,

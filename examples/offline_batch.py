@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-running-requests", type=int, default=8)
     ap.add_argument("--mage-k", type=int, default=512)
     ap.add_argument("--dllm-algorithm", default="LowConfidence")
+    ap.add_argument("--mem-fraction-static", type=float, default=None, help="SGLang's; default: SGLang's own")
+    ap.add_argument("--max-total-tokens", type=int, default=None, help="fixed KV pool size (tokens)")
     ap.add_argument("--json", help="also write the summary here")
     args = ap.parse_args(argv)
 
@@ -93,18 +95,21 @@ def main(argv=None) -> int:
 
     model_path = args.model_path
     dummy = model_path is None
-    if dummy:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from tiny_model import write
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_model import prompt_token_range, write
 
+    token_range = prompt_token_range(model_path)
+    if dummy:
         model_path = write(os.path.join(tempfile.mkdtemp(), "tiny-sdar"))
     engine = sgl.Engine(
         model_path=model_path, load_format="dummy" if dummy else "auto", skip_tokenizer_init=True,
         dllm_algorithm=args.dllm_algorithm, attention_backend="mage", mage_k=args.mage_k,
         max_running_requests=args.max_running_requests, log_level="warning",
+        **{k: v for k, v in (("mem_fraction_static", args.mem_fraction_static),
+                             ("max_total_tokens", args.max_total_tokens)) if v is not None},
     )
     try:
-        prompts = make_prompts(args.num_prompts, *args.prompt_len)
+        prompts = make_prompts(args.num_prompts, *args.prompt_len, vocab=token_range)
         with tqdm(total=len(prompts), unit="req", desc="generating") as bar:
             summary = run_batch(engine, prompts, args.max_new_tokens, args.wave, bar)
     finally:

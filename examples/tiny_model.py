@@ -33,6 +33,16 @@ def write(path: str, tokenizer: bool = False) -> str:
     return path
 
 
+def prompt_token_range(model_path: str | None) -> tuple[int, int]:
+    """Token ids that random prompts may use: the dummy model's default range, or, for a checkpoint,
+    its own vocabulary above the special ids (the shipped tiny model has 1024 tokens, ids < 16 special)."""
+    if model_path is None:
+        return (100, 150000)
+    with open(os.path.join(model_path, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    return (16, vocab) if vocab <= 4096 else (100, vocab - 1000)
+
+
 def write_tokenizer(path: str) -> None:
     """A word-level tokenizer over the whole vocabulary (token i is spelled `<t{i}>`), so that text
     clients (the frontend language, the OpenAI API) can talk to a dummy-weight model: any id decodes,

@@ -12,8 +12,9 @@ if [ -d .whl-extra ] && [ ! -d /tmp/site/jsonschema ]; then
 fi
 pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site --upgrade . >/dev/null 2>&1 \
   || { echo "project install failed"; return 1 2>/dev/null || exit 1; }
-if [ -f .cache/fi.tgz ] && [ ! -f ~/.cache/flashinfer/.restored ]; then
-  tar xzf .cache/fi.tgz -C ~
+cache_tar=$(ls .cache/fi.txz .cache/fi.tgz 2>/dev/null | head -1)  # xz: a third of gzip's size, under the carry limit
+if [ -n "$cache_tar" ] && [ ! -f ~/.cache/flashinfer/.restored ]; then
+  python -c 'import os, sys, tarfile; tarfile.open(sys.argv[1]).extractall(os.path.expanduser("~"))' "$cache_tar"
   # FlashInfer re-runs ninja on every first use, and ninja rebuilt the restored kernels anyway (~2-3 min).
   # A module whose .so sits in FlashInfer's AOT directory is loaded without ninja: put the cached ones there.
   aot=$(python -c 'import flashinfer.jit.env as e; print(e.FLASHINFER_AOT_DIR)' 2>/dev/null)

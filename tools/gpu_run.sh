@@ -15,6 +15,9 @@
 #   wait-train    wait for train-bg, then evaluate the checkpoint (eval_accuracy.py, EVAL_ARGS)
 #   sweep-bg      start one training per SWEEP_1..SWEEP_4 (extra train.py args) at once, in the background
 #   wait-sweep    wait for them; the run whose last held-out eval is best becomes $CKPT (logs of all come back)
+#   adapters-bg   adapters_check.py (ADAPTERS_ARGS) in the background; wait-adapters waits for it
+#   examples      examples/serve_tiny.sh --clients (server + frontend + OpenAI) and offline_batch.py on $CKPT
+#   probe-bg      training/retrieval_probe.py grid (PROBE_GRID, PROBE_MINUTES) in the background; wait-probe
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 R=$OUT/r
@@ -56,6 +59,25 @@ for job in "$@"; do
       for d in /tmp/sweep/*; do cp "$d/training_args.json" "$R/sweep$(basename "$d")_args.json" 2>/dev/null; \
         cp "$d/train_log.jsonl" "$R/sweep$(basename "$d")_log.jsonl" 2>/dev/null; done
       [ -n "$best" ] && mkdir -p "$(dirname "$CKPT")" && rm -rf "$CKPT" && cp -r "$best" "$CKPT" ;;
+    adapters-bg)
+      ENGINE_JOBS_DIR="$R/adapters-engines" timeout "${ADAPTERS_TIMEOUT:-480}" python benchmarks/adapters_check.py \
+        --out "$R/adapters.json" ${ADAPTERS_ARGS:-} > "$R/adapters.log" 2>&1 &
+      adapters_pid=$! ;;
+    wait-adapters)
+      wait "$adapters_pid"; echo "adapters rc=$?"; grep -v "Ignore import" "$R/adapters.log" | tail -8 ;;
+    examples)  # small fixed KV pools: other engines share the GPU meanwhile
+      PORT=30222 timeout 240 bash examples/serve_tiny.sh --clients --mem-fraction-static 0.5 \
+        --max-total-tokens 65536 > "$R/examples_serve.log" 2>&1; echo "serve_tiny --clients rc=$?"
+      tail -12 "$R/examples_serve.log"
+      timeout 200 python examples/offline_batch.py --model-path "$CKPT" --num-prompts 64 --prompt-len 1024 4096 \
+        --mage-k 64 --mem-fraction-static 0.5 --max-total-tokens 131072 --json "$R/offline_batch.json" \
+        > "$R/examples_offline.log" 2>&1; echo "offline_batch rc=$?"; tr '\r' '\n' < "$R/examples_offline.log" | tail -6 ;;
+    probe-bg)
+      python -m training.retrieval_probe --grid "${PROBE_GRID:-default}" --minutes "${PROBE_MINUTES:-4}" \
+        --out "$R/retrieval_probe.json" > "$R/retrieval_probe.log" 2>&1 &
+      probe_pid=$! ;;
+    wait-probe)
+      wait "$probe_pid"; echo "probe rc=$?"; tail -14 "$R/retrieval_probe.log" ;;
     graphcheck)  # mage sparse steps under SGLang's dLLM CUDA graph vs eager (benchmarks/cuda_graph_check.py)
       timeout "${GRAPH_TIMEOUT:-240}" python benchmarks/cuda_graph_check.py --out "$R/cuda_graph_check.json" \
         > "$R/cuda_graph_check.log" 2>&1; echo "graphcheck rc=$?"; tail -8 "$R/cuda_graph_check.log" ;;
@@ -79,8 +101,8 @@ for job in "$@"; do
         tests/gpu/test_block_causal_gpu.py > "$R/gpu_tests.txt" 2>&1; tail -3 "$R/gpu_tests.txt" ;;
     adapters|adapters2)  # two runs with different arguments: ADAPTERS_ARGS / ADAPTERS2_ARGS
       args=${ADAPTERS_ARGS:-}; [ "$job" = adapters2 ] && args=${ADAPTERS2_ARGS:-}
-      timeout "${ADAPTERS_TIMEOUT:-480}" python benchmarks/adapters_check.py --out "$R/$job.json" $args \
-        > "$R/$job.log" 2>&1; grep -v "Ignore import" "$R/$job.log" | tail -6 ;;
+      ENGINE_JOBS_DIR="$R/$job-engines" timeout "${ADAPTERS_TIMEOUT:-480}" python benchmarks/adapters_check.py \
+        --out "$R/$job.json" $args > "$R/$job.log" 2>&1; grep -v "Ignore import" "$R/$job.log" | tail -8 ;;
     kernels)
       timeout "${KERNELS_TIMEOUT:-420}" python benchmarks/bench_kernels.py --out "$R/kernels.json" ${KERNEL_ARGS:-} \
         > "$R/kernels.log" 2>&1; tail -4 "$R/kernels.log" ;;

@@ -11,6 +11,14 @@ from its own alphabet VALUE_SLOTS[j] (96 tokens each, 96^4 codes): the answer bl
 knows by content which token of the retrieved value is its own. With one shared alphabet a 4-layer model
 must also learn where in the value each answer position reads, and in 10 minutes of training it did not
 (benchmarks/results/raw/train_pilot*: 0% held-out exact match, loss stuck near the value unigram).
+
+Each slot's alphabet is further split into KEY_GROUPS parts, and a value's tokens come from the part of its
+key's group (`key_group`). A key thus tells a little about its value (its group), never which value, so the
+task still needs retrieval. This gives the value positions in the body a reason to read their key (the
+block-diffusion loss on body tokens rewards it), which is the first half of the retrieval circuit. Without
+it, nothing rewards either half until the other exists. Models stayed on the ln(#values) plateau for
+thousands of steps, even with 2 pairs (benchmarks/results/raw/retrieval_probe*). With it, a CPU run with
+2 pairs left the plateau within 500 steps.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ FILLER = range(16, 256)
 KEYS = range(256, 640)
 VALUES = range(640, 1024)
 VALUE_SLOTS = tuple(range(VALUES.start + 96 * j, VALUES.start + 96 * (j + 1)) for j in range(4))
+KEY_GROUPS = 4
 VOCAB_SIZE = 1024
 ANSWER_LEN = 4
 TASKS = ("needle", "recall", "variables")
@@ -41,9 +50,29 @@ def _distinct(rng: random.Random, pool: range, n: int, width: int) -> list[tuple
     return _distinct_codes(rng, (pool,) * width, n)
 
 
-def _values(rng: random.Random, n: int) -> list[tuple[int, ...]]:
-    """n distinct ANSWER_LEN-token codes, token j from VALUE_SLOTS[j]."""
-    return _distinct_codes(rng, VALUE_SLOTS[:ANSWER_LEN], n)
+def key_group(key) -> int:
+    return sum(key) % KEY_GROUPS
+
+
+def group_alphabet(slot: int, group: int) -> range:
+    """The part of VALUE_SLOTS[slot] that values of keys in `group` draw from."""
+    r = VALUE_SLOTS[slot]
+    per = len(r) // KEY_GROUPS
+    return range(r.start + group * per, r.start + (group + 1) * per)
+
+
+def _values(rng: random.Random, keys) -> list[tuple[int, ...]]:
+    """One distinct ANSWER_LEN-token code per key, token j from group_alphabet(j, key_group(key))."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for key in keys:
+        pools = [group_alphabet(j, key_group(key)) for j in range(ANSWER_LEN)]
+        code = tuple(rng.choice(p) for p in pools)
+        while code in seen:
+            code = tuple(rng.choice(p) for p in pools)
+        seen.add(code)
+        out.append(code)
+    return out
 
 
 def _distinct_codes(rng: random.Random, pools, n: int) -> list[tuple[int, ...]]:
@@ -60,10 +89,12 @@ def _filler(rng: random.Random, n: int) -> list[int]:
     return [rng.choice(FILLER) for _ in range(n)]
 
 
-def needle(rng: random.Random, context_len: int, num_needles: int = 8) -> Sample:
-    """Needles KEY k k VALUE v v v v scattered through filler; the query names one key."""
+def needle(rng: random.Random, context_len: int, num_needles: int | None = None) -> Sample:
+    """Needles KEY k k VALUE v v v v scattered through filler; the query names one key. 2 to 8 needles
+    unless given: samples with few needles are where training first finds the retrieval circuit."""
+    num_needles = num_needles or rng.randint(2, 8)
     keys = _distinct(rng, KEYS, num_needles, 2)
-    values = _values(rng, num_needles)
+    values = _values(rng, keys)
     needles = [[KEY, *k, VALUE, *v] for k, v in zip(keys, values)]
     body_len = max(0, context_len - 1 - sum(map(len, needles)) - 4)
     body = _filler(rng, body_len)
@@ -79,7 +110,7 @@ def recall(rng: random.Random, context_len: int) -> Sample:
     per_pair = 2 + ANSWER_LEN
     n = max(2, (context_len - 5) // per_pair)
     keys = _distinct(rng, KEYS, n, 2)
-    values = _values(rng, len(keys))
+    values = _values(rng, keys)
     body = [tok for k, v in zip(keys, values) for tok in (*k, *v)]
     target = rng.randrange(len(keys))
     return Sample("recall", [BOS, *body, QUERY, *keys[target], ANSWER], list(values[target]),
@@ -94,7 +125,7 @@ def variables(rng: random.Random, context_len: int, chain: int = 2, max_chains: 
     chain_tokens = 3 + ANSWER_LEN + (chain - 1) * 5
     chains = max(1, min(max_chains, (context_len // 2) // chain_tokens))
     names = _distinct(rng, KEYS, chain * chains, 1)
-    roots = _values(rng, chains)
+    roots = _values(rng, [names[c * chain] for c in range(chains)])
     statements = []
     for c in range(chains):
         chain_names = names[c * chain:(c + 1) * chain]

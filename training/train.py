@@ -7,6 +7,10 @@ Objective: the block-diffusion loss on the answer block. Prompts are padded to a
 so the answer fills exactly one block, as at inference (SGLang appends B [MASK] tokens after the prompt).
 Each step masks every answer token with probability t ~ U(0.1, 1) (at least one), and the loss is the
 cross-entropy on the masked positions, with block-causal attention over prompt + noisy block.
+
+At contexts up to --body-loss-max-context the loss covers every block of the sequence, as in SDAR's own
+training (`loss_on_sequence`), not only the answers: that is what teaches the body's value tokens to read
+their keys (see training/tasks.py), the half of the retrieval circuit that answer-only training never formed.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .model import TinyConfig, TinySDAR, block_causal_mask
-from .tasks import ANSWER_LEN, FILLER, MASK, QUERY, TASKS, make_sample, query_group
+from .model import TinyConfig, TinySDAR, block_causal_mask, training_mask
+from .tasks import ANSWER_LEN, BOS, FILLER, MASK, QUERY, TASKS, make_sample, query_group
 
 
 def padded_batch(rng: random.Random, batch: int, context_len: int, block: int, tasks=TASKS):
@@ -88,6 +92,37 @@ def loss_on_queries(model, seqs, starts, answers, rng_t: torch.Generator):
     mask = multi_query_mask(length, starts, model.config.block_size, seqs.device)
     logits = model(ids, positions, mask)[:, length:].float().view(n, m, ANSWER_LEN, -1)
     return F.cross_entropy(logits[masked], answers[masked])
+
+
+def sequence_loss_weights(seqs, starts, block: int, rng_t: torch.Generator, answer_weight: float = 4.0):
+    """For loss_on_sequence: which tokens of [N, L] are masked (each block with its own t ~ U(0.1, 1)), their
+    loss weights (answer blocks at `starts` weigh `answer_weight`; filler and BOS 0: random filler is
+    unpredictable, its gradient only noise, so it is never masked), and which positions are answers."""
+    n, length = seqs.shape
+    t = torch.rand(n, length // block, 1, generator=rng_t) * 0.9 + 0.1
+    masked = (torch.rand(n, length // block, block, generator=rng_t) < t).view(n, length).to(seqs.device)
+    is_answer = torch.zeros(length, dtype=torch.bool, device=seqs.device)
+    for start in starts.tolist():
+        is_answer[start:start + ANSWER_LEN] = True
+    weight = torch.where(is_answer, answer_weight, 1.0).expand(n, length)
+    weight = weight * (((seqs < FILLER.start) | (seqs >= FILLER.stop)) & (seqs != BOS))
+    return masked & (weight > 0), weight, is_answer.expand(n, length)
+
+
+def loss_on_sequence(model, seqs, starts, rng_t: torch.Generator, answer_weight: float = 4.0):
+    """The block-diffusion loss on every block of [N, L] clean sequences, the noisy copy beside the clean one
+    (model.training_mask: noisy block b sees itself and the clean blocks before b). Returns (loss, the answer
+    blocks' own loss, comparable with loss_on_queries)."""
+    length = seqs.shape[1]
+    block = model.config.block_size
+    masked, weight, is_answer = sequence_loss_weights(seqs, starts, block, rng_t, answer_weight)
+    noisy = torch.where(masked, torch.full_like(seqs, MASK), seqs)
+    positions = torch.arange(length, device=seqs.device).repeat(2)
+    logits = model(torch.cat([noisy, seqs], 1), positions, training_mask(length, block, seqs.device))[:, :length]
+    ce = F.cross_entropy(logits[masked].float(), seqs[masked], reduction="none")
+    w = weight[masked]
+    on_answers = is_answer[masked]
+    return (ce * w).sum() / w.sum(), ce[on_answers].mean() if on_answers.any() else ce.new_zeros(())
 
 
 def loss_on_answer_block(model, prompts, answers, rng_t: torch.Generator):
@@ -234,6 +269,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader processes generating batches (0: inline)")
     ap.add_argument("--queries", type=int, default=1,
                     help="questions asked of each training sequence (>1: every answer block is a loss term)")
+    ap.add_argument("--body-loss-max-context", type=int, default=0,
+                    help="with --queries > 1: at contexts up to this, the loss covers every block (0: answers only)")
+    ap.add_argument("--answer-weight", type=float, default=4.0, help="answer blocks' weight in the every-block loss")
     args = ap.parse_args(argv)
     if args.stages:
         parse_stages(args.stages)  # fail before any work
@@ -268,19 +306,23 @@ def main(argv=None) -> dict:
         ctx, *data = next(stream)
         n = data[0].shape[0]
         with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            if args.queries > 1:
+            if args.queries > 1 and ctx <= args.body_loss_max_context:
+                loss, answer_loss = loss_on_sequence(model, data[0].to(args.device), data[1], gen, args.answer_weight)
+            elif args.queries > 1:
                 seqs, starts, answers = data
-                loss = loss_on_queries(model, seqs.to(args.device), starts, answers.to(args.device), gen)
+                loss = answer_loss = loss_on_queries(model, seqs.to(args.device), starts, answers.to(args.device), gen)
             else:
-                loss = loss_on_answer_block(model, data[0].to(args.device), data[1].to(args.device), gen)
+                loss = answer_loss = loss_on_answer_block(model, data[0].to(args.device), data[1].to(args.device), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        history.append(loss.item())
+        history.append(answer_loss.item())
         if step % 50 == 0:
-            print(f"step {step} ctx {ctx} n {n} loss {loss.item():.3f} lr {lr:.2e} ({elapsed:.0f}s)", flush=True)
-            log.write(json.dumps({"step": step, "ctx": ctx, "loss": round(loss.item(), 4), "s": round(elapsed, 1)}) + "\n")
+            print(f"step {step} ctx {ctx} n {n} answer loss {answer_loss.item():.3f} (objective {loss.item():.3f}) "
+                  f"lr {lr:.2e} ({elapsed:.0f}s)", flush=True)
+            log.write(json.dumps({"step": step, "ctx": ctx, "loss": round(answer_loss.item(), 4),
+                                  "objective": round(loss.item(), 4), "s": round(elapsed, 1)}) + "\n")
         if args.eval_every and time.time() - last_eval > args.eval_every:
             evaluate(step)
             last_eval = time.time()

@@ -17,8 +17,11 @@ from training.tasks import ANSWER_LEN  # noqa: E402
 
 # The shipped checkpoint's bar on the CPU reference path (context 1024, 16 held-out samples). Chance is
 # |VALUES|^-4, so these only say that the model retrieves and that MAGE at k=128 keeps most of it.
-SHIPPED_MIN_EXACT_ACCURACY = 0.5
-SHIPPED_MIN_MAGE_ACCURACY = 0.4
+# Measured on the CPU reference at 1024 tokens, 32 samples: exact 0.75, mage k=128 0.75 (needle and recall
+# 1.0, variables ~0.2: see checkpoints/tiny-sdar-recall/README.md). The margins absorb 16-sample noise.
+SHIPPED_MIN_EXACT_ACCURACY = 0.6
+SHIPPED_MIN_MAGE_ACCURACY = 0.55
+SHIPPED_MIN_RETRIEVAL_ACCURACY = 0.9  # needle and recall, which the model solves
 SHIPPED_CONTEXT = 1024
 
 
@@ -115,6 +118,10 @@ def test_shipped_checkpoint_accuracy(tmp_path):
     acc = {r["method"]: r["accuracy"] for r in res["rows"]}
     assert acc["exact"] >= SHIPPED_MIN_EXACT_ACCURACY, res["rows"]
     assert acc["mage"] >= SHIPPED_MIN_MAGE_ACCURACY, res["rows"]
+    for row in res["rows"]:
+        for task in ("needle", "recall"):
+            if task in row["accuracy_by_task"]:
+                assert row["accuracy_by_task"][task] >= SHIPPED_MIN_RETRIEVAL_ACCURACY, row
 
 
 def test_method_grid_gives_quest_and_oracle_their_own_budgets():

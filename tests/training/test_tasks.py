@@ -24,3 +24,24 @@ def test_bad_arguments():
         make_sample("sorting", 128, random.Random(0))
     with pytest.raises(ValueError, match="context_len"):
         make_sample("needle", 16, random.Random(0))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_values_come_from_their_keys_group_and_stay_distinct(task):
+    """A key tells its value's group (the body loss's reason to read keys), never the value itself: every
+    sample's values are distinct codes, and each token lies in its key group's part of its slot alphabet."""
+    from training.tasks import KEY_GROUPS, group_alphabet, key_group
+
+    rng = random.Random(5)
+    groups = set()
+    for _ in range(20):
+        s = make_sample(task, 512, rng)
+        values = [v for _, v in s.queries]
+        assert len(set(values)) == len(values)
+        for key, value in s.queries:
+            if task != "variables":  # a chain's value belongs to its root's name, the query names its last
+                groups.add(key_group(key))
+                assert all(t in group_alphabet(j, key_group(key)) for j, t in enumerate(value))
+    assert task == "variables" or groups == set(range(KEY_GROUPS))
+    parts = [group_alphabet(0, g) for g in range(KEY_GROUPS)]
+    assert sum(map(len, parts)) == len(VALUE_SLOTS[0]) and len({t for p in parts for t in p}) == len(VALUE_SLOTS[0])
