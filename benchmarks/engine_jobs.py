@@ -34,9 +34,11 @@ def load_spec(path: str) -> dict:
         return json.load(f)
 
 
-def run_jobs(script: str, jobs: dict, parallel: int | None = None, timeout: float = 1800, log=None) -> dict:
+def run_jobs(script: str, jobs: dict, parallel: int | None = None, timeout: float = 1800, log=None,
+             on_result=None) -> dict:
     """{name: spec (JSON-able)} -> {name: result}: each job is `script --engine-job <spec file>` in its own
-    process, at most `parallel` at once (None: all), each killed after `timeout` s. Raises naming every
+    process, at most `parallel` at once (None: all), each killed after `timeout` s; `on_result(name, result)`
+    runs as each one finishes (so a caller cut off later still has reported the finished ones). Raises naming every
     failed job with the end of its stderr. The children's files stay in $ENGINE_JOBS_DIR when it is set (so a
     GPU run brings back the log of a job that hung), else in a fresh temporary folder."""
     keep = os.environ.get("ENGINE_JOBS_DIR")
@@ -71,6 +73,8 @@ def run_jobs(script: str, jobs: dict, parallel: int | None = None, timeout: floa
                     errors[name] = f"rc {proc.returncode}: {f.read()[-1500:]}"
             else:
                 out[name] = result
+                if on_result is not None:
+                    on_result(name, result)
             if log is not None:
                 log(f"[jobs] {name} {'done' if result is not None else 'FAILED'} ({time.time() - started:.0f}s)")
         time.sleep(0.5)

@@ -205,17 +205,26 @@ def eval_sglang(data, methods, ks, args, generate=None, log=print):
         pool = args.batch * (context_length + 4 * ANSWER_LEN)
         jobs = {f"{m}-k{k}": {"kwargs": dict(kw, mem_fraction_static=0.5, max_total_tokens=pool), "groups": groups}
                 for (m, k), kw in kwargs.items()}
-        done = engine_jobs.run_jobs(os.path.abspath(__file__), jobs, args.parallel, log=log)
-        outputs = {(m, k): done[f"{m}-k{k}"] for m, k in grid}
+        names = {f"{m}-k{k}": (m, k) for m, k in grid}
+        rows_of = {}
+
+        def on_result(name, outputs):  # logged as each engine ends: a run cut off later keeps these lines
+            rows_of[names[name]] = engine_rows(*names[name], outputs, data, log)
+
+        engine_jobs.run_jobs(os.path.abspath(__file__), jobs, args.parallel, log=log, on_result=on_result)
     else:
-        outputs = {key: [generate(kw, g) for g in groups] for key, kw in kwargs.items()}
-    rows = []
-    for method, k in grid:
-        for (context, (prompts, answers, task_names)), gen in zip(data.items(), outputs[(method, k)]):
-            gen = torch.tensor([g + [-1] * (ANSWER_LEN - len(g)) for g in gen])
-            rows.append(row(context, method, k, exact_match(gen, answers), task_names, engine="sglang"))
-            log(f"[sglang] ctx {context} {method:6s} k={k} acc {rows[-1]['accuracy']:.3f}")
+        rows_of = {key: engine_rows(*key, [generate(kw, g) for g in groups], data, log) for key, kw in kwargs.items()}
     log(f"[sglang] {len(grid)} engines, {time.time() - t0:.0f}s")
+    return [r for key in grid for r in rows_of[key]]
+
+
+def engine_rows(method: str, k, outputs, data: dict, log) -> list[dict]:
+    """One sglang engine's generations (a list per context) -> its accuracy rows."""
+    rows = []
+    for (context, (prompts, answers, task_names)), gen in zip(data.items(), outputs):
+        gen = torch.tensor([g + [-1] * (ANSWER_LEN - len(g)) for g in gen])
+        rows.append(row(context, method, k, exact_match(gen, answers), task_names, engine="sglang"))
+        log(f"[sglang] ctx {context} {method:6s} k={k} acc {rows[-1]['accuracy']:.3f} {rows[-1]['accuracy_by_task']}")
     return rows
 
 

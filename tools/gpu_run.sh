@@ -86,7 +86,8 @@ for job in "$@"; do
         timeout "${EVAL_TIMEOUT:-240}" python benchmarks/eval_accuracy.py --engine reference --device cuda \
           --checkpoint "$CKPT" --out "$R/accuracy_reference.json" ${EVAL_REF_ARGS:-} > "$R/eval_reference.log" 2>&1 &
         ref_pid=$!
-        timeout "${EVAL_TIMEOUT:-240}" python benchmarks/eval_accuracy.py --engine sglang --checkpoint "$CKPT" \
+        ENGINE_JOBS_DIR="$R/eval-engines" timeout "${EVAL_TIMEOUT:-240}" python benchmarks/eval_accuracy.py \
+          --engine sglang --checkpoint "$CKPT" \
           --out "$R/accuracy_sglang.json" ${EVAL_ARGS:-} > "$R/eval.log" 2>&1; echo "eval rc=$?"
         wait $ref_pid; echo "reference eval rc=$?"; grep -v "Ignore import" "$R/eval.log" | tail -16
         tail -14 "$R/eval_reference.log"

@@ -41,10 +41,19 @@ def test_results_come_back_by_name_with_a_parallel_limit(child):
 
 def test_failures_and_timeouts_are_reported_by_name(child):
     jobs = {"ok": {"xs": [1]}, "bad": {"xs": [], "fail": True}, "slow": {"xs": [], "sleep": 30}}
+    finished = {}
     with pytest.raises(RuntimeError) as err:
-        engine_jobs.run_jobs(child, jobs, timeout=3)
+        engine_jobs.run_jobs(child, jobs, timeout=3, on_result=finished.__setitem__)
     message = str(err.value)
     assert "'bad'" in message and "boom" in message and "'slow'" in message and "'ok'" not in message
+    assert finished == {"ok": {"doubled": [2]}}  # reported as it ended, although the run as a whole failed
+
+
+def test_children_files_are_kept_in_engine_jobs_dir(child, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_JOBS_DIR", str(tmp_path / "kept"))
+    engine_jobs.run_jobs(child, {"a": {"xs": [3]}}, timeout=60)
+    (run_dir,) = (tmp_path / "kept").iterdir()
+    assert "RESULT" in (run_dir / "job1.out").read_text()
 
 
 def test_parse_result_takes_the_last_result_line():
