@@ -28,7 +28,7 @@ import torch
 
 from . import tasks
 from .model import TinyConfig, TinySDAR
-from .train import loss_on_queries, multi_query_batch, multi_query_mask
+from .train import answer_block_logits, loss_on_queries, multi_query_batch
 
 DEFAULTS = dict(data="kv", pairs=[2], key_len=1, queries=4, batch=128, layers=4, hidden=128, heads=4, kv_heads=2,
                 head_dim=32, rope_theta=1e6, lr=3e-3, weight_decay=0.01, advance_at=0.9, context=64,
@@ -88,12 +88,7 @@ def exact_match(model, cfg: dict, pairs: int, device: str, n: int = 256) -> floa
     seqs, starts, answers = make_batch(cfg, random.Random(10_000 + pairs), n, pairs)
     seqs, answers = seqs.to(device), answers.to(device)
     model.eval()
-    # loss_on_queries masks at random; here every answer token is masked, so the inputs are built here.
-    length, m = seqs.shape[1], starts.numel()
-    noisy = torch.full((n, m * tasks.ANSWER_LEN), tasks.MASK, device=device)
-    positions = torch.cat([torch.arange(length), (starts[:, None] + torch.arange(tasks.ANSWER_LEN)).view(-1)])
-    mask = multi_query_mask(length, starts, 4, device)
-    logits = model(torch.cat([seqs, noisy], 1), positions.to(device), mask)[:, length:].view(n, m, tasks.ANSWER_LEN, -1)
+    logits = answer_block_logits(model, seqs, starts, torch.full_like(answers, tasks.MASK))
     model.train()
     return float((logits.argmax(-1) == answers).all(-1).float().mean())
 

@@ -85,13 +85,19 @@ def loss_on_queries(model, seqs, starts, answers, rng_t: torch.Generator):
     masked = torch.rand(n, m, ANSWER_LEN, generator=rng_t) < t
     masked.view(n * m, ANSWER_LEN)[torch.arange(n * m), torch.randint(0, ANSWER_LEN, (n * m,), generator=rng_t)] = True
     masked = masked.to(seqs.device)
-    noisy = torch.where(masked, torch.full_like(answers, MASK), answers).view(n, m * ANSWER_LEN)
-    ids = torch.cat([seqs, noisy], 1)
-    offsets = torch.arange(ANSWER_LEN)
-    positions = torch.cat([torch.arange(length), (starts[:, None] + offsets).view(-1)]).to(seqs.device)
+    logits = answer_block_logits(model, seqs, starts, torch.where(masked, torch.full_like(answers, MASK), answers))
+    return F.cross_entropy(logits.float()[masked], answers[masked])
+
+
+def answer_block_logits(model, seqs, starts, noisy_answers):
+    """Logits [N, m, 4, V] of the noisy answer blocks [N, m, 4], appended after the clean sequences [N, L] at
+    their answers' own positions and attending as multi_query_mask says."""
+    n, length = seqs.shape
+    m = starts.numel()
+    ids = torch.cat([seqs, noisy_answers.reshape(n, m * ANSWER_LEN)], 1)
+    positions = torch.cat([torch.arange(length), (starts[:, None] + torch.arange(ANSWER_LEN)).view(-1)])
     mask = multi_query_mask(length, starts, model.config.block_size, seqs.device)
-    logits = model(ids, positions, mask)[:, length:].float().view(n, m, ANSWER_LEN, -1)
-    return F.cross_entropy(logits[masked], answers[masked])
+    return model(ids, positions.to(seqs.device), mask)[:, length:].view(n, m, ANSWER_LEN, -1)
 
 
 def sequence_loss_weights(seqs, starts, block: int, rng_t: torch.Generator, answer_weight: float = 4.0):
