@@ -16,7 +16,7 @@
 #   sweep-bg      start one training per SWEEP_1..SWEEP_4 (extra train.py args) at once, in the background
 #   wait-sweep    wait for them; the run whose last held-out eval is best becomes $CKPT (logs of all come back)
 #   adapters-bg   adapters_check.py (ADAPTERS_ARGS) in the background; wait-adapters waits for it
-#   examples      examples/serve_tiny.sh --clients (server + frontend + OpenAI) and offline_batch.py on $CKPT
+#   examples      examples/serve_tiny.sh (shipped checkpoint), --clients (server + frontend + OpenAI), offline_batch.py
 #   probe-bg      training/retrieval_probe.py grid (PROBE_GRID, PROBE_MINUTES) in the background; wait-probe
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -66,6 +66,9 @@ for job in "$@"; do
     wait-adapters)
       wait "$adapters_pid"; echo "adapters rc=$?"; grep -v "Ignore import" "$R/adapters.log" | tail -8 ;;
     examples)  # small fixed KV pools: other engines share the GPU meanwhile
+      PORT=30221 timeout 200 bash examples/serve_tiny.sh --mem-fraction-static 0.5 --max-total-tokens 65536 \
+        > "$R/examples_serve_checkpoint.log" 2>&1; echo "serve_tiny (checkpoint) rc=$?"
+      tail -4 "$R/examples_serve_checkpoint.log"
       PORT=30222 timeout 240 bash examples/serve_tiny.sh --clients --mem-fraction-static 0.5 \
         --max-total-tokens 65536 > "$R/examples_serve.log" 2>&1; echo "serve_tiny --clients rc=$?"
       tail -12 "$R/examples_serve.log"
