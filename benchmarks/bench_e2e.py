@@ -1,16 +1,18 @@
 """End-to-end time per generated block inside SGLang's dLLM engine, at real model shapes (dummy weights).
 
-For each (shape, context, batch, backend) it starts an offline `sgl.Engine` with FixedSteps (8 denoising
-steps + the commit pass per 32-token block), prefills `batch` prompts of `context` tokens (chunked prompt
-prefill with mage), then times two generations of the same prompts from the warm radix cache: 1 block and
-1 + N blocks. Their difference / N is the time per block (prefill, which the cache skips, and per-request
-overhead cancel). Backends: mage (mean selector), mage_quest, flashinfer (with its decode CUDA graph),
-triton. `roofline_bound` is benchmarks/roofline.py's bound on mage's gain for that row's shape and size.
+For each (shape, backend) it starts one offline `sgl.Engine` with FixedSteps (8 denoising steps + the
+commit pass per 32-token block). For each (context, batch) point it prefills `batch` prompts of `context`
+tokens (chunked prompt prefill with mage), then times two generations of the same prompts from the warm
+radix cache: 1 block and 1 + N blocks. Their difference / N is the time per block (prefill, which the
+cache skips, and per-request overhead cancel). Backends: mage (mean selector, sparse steps replayed from
+the dLLM CUDA graph), mage_quest (eager: quest plans page bounds per forward), flashinfer (with its CUDA
+graph), triton (eager). `roofline_bound` is benchmarks/roofline.py's bound on mage's gain for that row's
+shape and size; `speedup_vs_flashinfer` and `fraction_of_bound` are the figures issue 6 states targets in.
 
-Writes benchmarks/results/e2e.json (rows {shape, context, batch, backend, block_ms, tokens_per_s,
-roofline_bound}), prints a table, and plots benchmarks/results/e2e.png (if matplotlib is installed). GPU only.
+Writes benchmarks/results/e2e.json after every point (rows {shape, context, batch, backend, block_ms,
+tokens_per_s, roofline_bound, ...}), prints a table, and plots benchmarks/results/e2e.png. GPU only.
 
-Usage: python benchmarks/bench_e2e.py [--shapes fast-dllm-v2-1.5b] [--contexts 8192 32768] [--quick]
+Usage: python benchmarks/bench_e2e.py [--shapes fast-dllm-v2-1.5b] [--contexts 8192 32768] [--backends mage flashinfer]
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ CONFIGS = {
 }
 BLOCK = {"fast-dllm-v2-1.5b": 32, "fast-dllm-v2-7b": 32, "sdar-1.7b": 4}
 BACKENDS = {
-    "mage": dict(attention_backend="mage", disable_cuda_graph=True),
+    "mage": dict(attention_backend="mage"),  # sparse steps replay from the dLLM CUDA graph
     "mage_quest": dict(attention_backend="mage", mage_selector="quest", disable_cuda_graph=True),
     "flashinfer": dict(attention_backend="flashinfer"),
     "triton": dict(attention_backend="triton", disable_cuda_graph=True),
@@ -60,38 +62,66 @@ def write_model(root: str, shape: str, context: int) -> str:
     return path
 
 
-def time_per_block(shape: str, context: int, batch: int, backend: str, blocks: int, root: str) -> float:
-    import random
+def plan_runs(shapes, contexts, batch16_contexts, backends) -> list[tuple[str, str, list[tuple[int, int]]]]:
+    """One engine per (shape, backend), timing all of that shape's (context, batch) points in increasing size.
 
+    An engine start (dummy weights, graph capture) costs more than most points, so the grid is grouped by
+    engine. Batch 16 points exist for the 1.5B shape only, as in issue 6's table.
+    """
+    runs = []
+    for shape in shapes:
+        points = [(c, 1) for c in sorted(contexts)]
+        if shape == "fast-dllm-v2-1.5b":
+            points += [(c, 16) for c in sorted(batch16_contexts)]
+        points.sort(key=lambda p: p[0] * p[1])
+        runs += [(shape, backend, points) for backend in backends]
+    return runs
+
+
+def start_engine(shape: str, backend: str, points, root: str):
     import sglang as sgl
 
     steps = min(8, BLOCK[shape])
     algo_cfg = os.path.join(root, f"fixed_steps_{steps}.yaml")
     with open(algo_cfg, "w") as f:
         f.write(f"steps: {steps}\n")
-    engine = sgl.Engine(
-        model_path=write_model(root, shape, context), load_format="dummy", skip_tokenizer_init=True,
-        dllm_algorithm="FixedSteps", dllm_algorithm_config=algo_cfg, max_running_requests=batch,
-        context_length=context + 4096, mem_fraction_static=0.85, random_seed=0, log_level="warning",
+    max_context = max(c for c, _ in points)
+    return sgl.Engine(
+        model_path=write_model(root, shape, max_context), load_format="dummy", skip_tokenizer_init=True,
+        dllm_algorithm="FixedSteps", dllm_algorithm_config=algo_cfg, max_running_requests=max(b for _, b in points),
+        context_length=max_context + 4096, mem_fraction_static=0.85, random_seed=0, log_level="warning",
         **BACKENDS[backend], **({"mage_k": 512} if backend.startswith("mage") else {}),
     )
-    try:
-        rng = random.Random(context + batch)
-        prompts = [[rng.randrange(100, 150000) for _ in range(context)] for _ in range(batch)]
-        block = BLOCK[shape]
 
-        def run(n_blocks: int) -> float:
-            t0 = time.perf_counter()
-            engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_blocks * block,
-                                                                "ignore_eos": True})
-            return time.perf_counter() - t0
 
-        run(1)  # prefill into the radix cache, and warm-up
-        one = run(1)
-        many = run(1 + blocks)
-        return (many - one) / blocks
-    finally:
-        engine.shutdown()
+def time_per_block(engine, shape: str, context: int, batch: int, blocks: int) -> float:
+    import random
+
+    rng = random.Random(context + batch)
+    prompts = [[rng.randrange(100, 150000) for _ in range(context)] for _ in range(batch)]
+    block = BLOCK[shape]
+
+    def run(n_blocks: int) -> float:
+        t0 = time.perf_counter()
+        engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_blocks * block, "ignore_eos": True})
+        return time.perf_counter() - t0
+
+    run(1)  # prefill into the radix cache, and warm-up
+    one = run(1)
+    many = run(1 + blocks)
+    return (many - one) / blocks
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speedup over flashinfer (with its graph) at the same point, and that speedup as a fraction of the
+    roofline bound: the quantities issue 6's P2, P3 and P5 are stated in."""
+    base = {(r["shape"], r["context"], r["batch"]): r["block_ms"] for r in rows
+            if r["backend"] == "flashinfer" and r["block_ms"]}
+    for r in rows:
+        ref = base.get((r["shape"], r["context"], r["batch"]))
+        r["speedup_vs_flashinfer"] = round(ref / r["block_ms"], 3) if ref and r["block_ms"] else None
+        r["fraction_of_bound"] = (round(r["speedup_vs_flashinfer"] / r["roofline_bound"], 3)
+                                  if r["speedup_vs_flashinfer"] and r["backend"].startswith("mage") else None)
 
 
 def main(argv=None) -> int:
@@ -108,43 +138,62 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_e2e needs a CUDA GPU; nothing to measure here.", file=sys.stderr)
         return 2
+    import sglang
     from tqdm import tqdm
 
-    grid = [(s, c, 1) for s in args.shapes for c in args.contexts]
-    grid += [(s, c, 16) for s in args.shapes if s == "fast-dllm-v2-1.5b" for c in args.batch16_contexts]
-    runs = [(s, c, b, be) for s, c, b in grid for be in args.backends]
-    rows, root = [], tempfile.mkdtemp(prefix="mage-e2e-")
-    for shape, context, batch, backend in tqdm(runs, desc="e2e", unit="run"):
-        try:
-            secs = time_per_block(shape, context, batch, backend, args.blocks, root)
-            block_ms, tps = secs * 1e3, batch * BLOCK[shape] / secs
-        except Exception as e:  # noqa: BLE001 - an engine that cannot run a size is a row, not a crash
-            block_ms, tps = None, None
-            tqdm.write(f"{shape} ctx={context} bs={batch} {backend}: {type(e).__name__}: {e}"[:400])
-        rows.append({"shape": shape, "context": context, "batch": batch, "backend": backend,
-                     "block_ms": None if block_ms is None else round(block_ms, 2),
-                     "tokens_per_s": None if tps is None else round(tps, 1),
-                     "roofline_bound": round(roofline_bound(SHAPES[shape], batch, context), 2)})
-        tqdm.write(json.dumps(rows[-1]))
-    print(f"{'shape':>18} {'ctx':>7} {'bs':>3} {'backend':>11} {'block ms':>9} {'tok/s':>9} {'bound':>6}")
-    for r in rows:
-        print(f"{r['shape']:>18} {r['context']:>7} {r['batch']:>3} {r['backend']:>11} {str(r['block_ms']):>9} "
-              f"{str(r['tokens_per_s']):>9} {r['roofline_bound']:>6}")
-    import sglang
-
+    runs = plan_runs(args.shapes, args.contexts, args.batch16_contexts, args.backends)
     result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "sglang": sglang.__version__},
               "config": {"algorithm": "FixedSteps (8 steps per 32-token block; 4 for B=4)", "mage_k": 512,
-                         "blocks_timed": args.blocks, "weights": "dummy"},
-              "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+                         "blocks_timed": args.blocks, "weights": "dummy",
+                         "cuda_graph": {b: not BACKENDS[b].get("disable_cuda_graph", False) for b in BACKENDS}},
+              "rows": []}
+    rows, root = result["rows"], tempfile.mkdtemp(prefix="mage-e2e-")
+    bar = tqdm(total=sum(len(p) for *_, p in runs), desc="e2e", unit="point")
+    for shape, backend, points in runs:
+        engine, error = None, None
+        try:
+            engine = start_engine(shape, backend, points, root)
+        except Exception as e:  # noqa: BLE001 - an engine that cannot start is rows with an error, not a crash
+            error = f"engine start: {type(e).__name__}: {e}"[:400]
+        for context, batch in points:
+            block_ms = tps = None
+            if engine is not None:
+                try:
+                    secs = time_per_block(engine, shape, context, batch, args.blocks)
+                    block_ms, tps = round(secs * 1e3, 2), round(batch * BLOCK[shape] / secs, 1)
+                    error = None
+                except Exception as e:  # noqa: BLE001
+                    error = f"{type(e).__name__}: {e}"[:400]
+            rows.append({"shape": shape, "context": context, "batch": batch, "backend": backend,
+                         "block_ms": block_ms, "tokens_per_s": tps,
+                         "roofline_bound": round(roofline_bound(SHAPES[shape], batch, context), 2),
+                         **({"error": error} if error else {})})
+            add_ratios(rows)
+            bar.update()
+            tqdm.write(json.dumps(rows[-1]))
+            save(result, args.out)  # after every point: a run cut at the device's limit keeps what it measured
+        if engine is not None:
+            engine.shutdown()
+    bar.close()
+    print(f"{'shape':>18} {'ctx':>7} {'bs':>3} {'backend':>11} {'block ms':>9} {'tok/s':>9} {'x fi':>6} {'bound':>6}")
+    for r in rows:
+        print(f"{r['shape']:>18} {r['context']:>7} {r['batch']:>3} {r['backend']:>11} {str(r['block_ms']):>9} "
+              f"{str(r['tokens_per_s']):>9} {str(r['speedup_vs_flashinfer']):>6} {r['roofline_bound']:>6}")
     plot(result, args.out.replace(".json", ".png"))
     return 0
 
 
+def save(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def plot(result: dict, path: str) -> None:
+    """Per shape: ms per block at batch 1 by backend; last panel: mage's speedup over flashinfer against the
+    roofline bound at every measured (shape, context, batch)."""
     try:
         import matplotlib
 
@@ -152,17 +201,27 @@ def plot(result: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    shapes = sorted({r["shape"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    rows = result["rows"]
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes) + 1, figsize=(5.5 * (len(shapes) + 1), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         for backend in BACKENDS:
-            pts = sorted((r["context"], r["block_ms"]) for r in result["rows"] if r["shape"] == shape
+            pts = sorted((r["context"], r["block_ms"]) for r in rows if r["shape"] == shape
                          and r["backend"] == backend and r["batch"] == 1 and r["block_ms"] is not None)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=backend)
         ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="ms per block (batch 1)", title=shape)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+    ax = axes[0][-1]
+    mage = [r for r in rows if r["backend"] == "mage" and r.get("speedup_vs_flashinfer")]
+    labels = [f"{r['shape'].replace('fast-dllm-v2-', '')}\n{r['context'] // 1024}K x{r['batch']}" for r in mage]
+    xs = range(len(mage))
+    ax.bar([x - 0.2 for x in xs], [r["speedup_vs_flashinfer"] for r in mage], 0.4, label="mage / flashinfer")
+    ax.bar([x + 0.2 for x in xs], [r["roofline_bound"] for r in mage], 0.4, label="roofline bound")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set(ylabel="speedup per block", title="mage vs the memory roofline")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
