@@ -45,6 +45,8 @@ class Sample:
     answer: list[int]
     # Every question the body answers, as (query key tokens, answer): training asks several per sequence.
     queries: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    # Easier questions of the same body that training may add (variables: each chain's root, zero hops).
+    zero_hop_queries: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
 
 
 def _distinct(rng: random.Random, pool: range, n: int, width: int) -> list[tuple[int, ...]]:
@@ -122,7 +124,12 @@ def variables(rng: random.Random, context_len: int, chain: int = 2, max_chains: 
     """Chains VAR x ASSIGN v v v v, then VAR y ASSIGN VAR x, ... spread through filler; the query names a
     chain's last variable, whose value is its chain's root value. Statements take at most half the context.
     Chains are `chain` variables long (chain - 1 hops): the shipped model has 4 layers, and every hop of a
-    chain resolved in one forward pass costs about a layer, so the default is one hop."""
+    chain resolved in one forward pass costs about a layer, so the default is one hop.
+
+    `zero_hop_queries` ask for a root by its own name: the lookup the hop's second half performs, in this
+    task's syntax (one-token names, ASSIGN). Training on them as well (train.py --zero-hop-queries) means
+    the answer's gradient on a one-hop question reaches a model whose second half already works, instead
+    of needing both halves before either is rewarded, as with needle retrieval before key-grouped values."""
     chain_tokens = 3 + ANSWER_LEN + (chain - 1) * 5
     chains = max(1, min(max_chains, (context_len // 2) // chain_tokens))
     names = _distinct(rng, KEYS, chain * chains, 1)
@@ -152,7 +159,7 @@ def variables(rng: random.Random, context_len: int, chain: int = 2, max_chains: 
     target = rng.randrange(chains)
     last = [names[c * chain + chain - 1] for c in range(chains)]
     return Sample("variables", [BOS, *body, QUERY, *last[target], ANSWER], list(roots[target]),
-                  tuple(zip(last, roots)))
+                  tuple(zip(last, roots)), tuple(zip(names[::chain], roots)))
 
 
 GENERATORS = {"needle": needle, "recall": recall, "variables": variables}

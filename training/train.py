@@ -30,6 +30,12 @@ from .model import TinyConfig, TinySDAR, block_causal_mask, training_mask
 from .tasks import ANSWER_LEN, BOS, FILLER, MASK, QUERY, TASKS, make_sample, query_group
 
 
+def pick_task(rng: random.Random, tasks, weights=None) -> str:
+    """A task for the next sample; uniform unless `weights` (aligned with `tasks`). The uniform draw stays
+    rng.choice, so runs without weights reproduce the shipped checkpoint's data stream."""
+    return rng.choices(tasks, weights)[0] if weights else rng.choice(tasks)
+
+
 def padded_batch(rng: random.Random, batch: int, context_len: int, block: int, tasks=TASKS):
     """[N, L] prompts (left-padded with filler after BOS to a common multiple of the block) and [N, 4] answers."""
     samples = [make_sample(rng.choice(tasks), context_len, rng) for _ in range(batch)]
@@ -40,12 +46,16 @@ def padded_batch(rng: random.Random, batch: int, context_len: int, block: int, t
     return torch.tensor(prompts), torch.tensor([s.answer for s in samples]), [s.task for s in samples]
 
 
-def multi_query_batch(rng: random.Random, batch: int, context_len: int, block: int, queries: int, tasks=TASKS):
+def multi_query_batch(rng: random.Random, batch: int, context_len: int, block: int, queries: int, tasks=TASKS,
+                      task_weights=None, zero_hop: bool = False):
     """Sequences that ask up to `queries` questions of one body: [BOS, filler..., body, (Q_1, A_1), ...,
     (Q_m, A_m)], each Q a 4-token QUERY key ANSWER group and each A its 4-token answer, so every A fills one
     block; the first group is exactly the single question an evaluation prompt ends with. Returns clean
-    sequences [N, L], the answer blocks' start positions [m] (shared by the batch) and the answers [N, m, 4]."""
-    samples = [make_sample(rng.choice(tasks), context_len, rng) for _ in range(batch)]
+    sequences [N, L], the answer blocks' start positions [m] (shared by the batch) and the answers [N, m, 4].
+    `zero_hop` adds each sample's zero_hop_queries to the questions it may be asked."""
+    samples = [make_sample(pick_task(rng, tasks, task_weights), context_len, rng) for _ in range(batch)]
+    if zero_hop:
+        samples = [dataclasses.replace(s, queries=s.queries + s.zero_hop_queries) for s in samples]
     m = max(1, min(queries, *(len(s.queries) for s in samples)))
     bodies = [s.prompt[:s.prompt.index(QUERY) - (1 if len(s.queries[0][0]) == 1 else 0)] for s in samples]
     prefix = -(-max(map(len, bodies)) // block) * block
@@ -240,7 +250,8 @@ class BatchStream(torch.utils.data.IterableDataset):
             ctx = context_for((time.time() - self.start) / budget, self.args, rng)
             n = samples_per_step(self.args, ctx)
             if self.args.queries > 1:
-                yield (ctx,) + multi_query_batch(rng, n, ctx, self.block, self.args.queries, tuple(self.args.tasks))
+                yield (ctx,) + multi_query_batch(rng, n, ctx, self.block, self.args.queries, tuple(self.args.tasks),
+                                                 self.args.task_weights, self.args.zero_hop_queries)
             else:
                 yield (ctx,) + padded_batch(rng, n, ctx, self.block, tuple(self.args.tasks))[:2]
 
@@ -278,12 +289,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--body-loss-max-context", type=int, default=0,
                     help="with --queries > 1: at contexts up to this, the loss covers every block (0: answers only)")
     ap.add_argument("--answer-weight", type=float, default=4.0, help="answer blocks' weight in the every-block loss")
+    ap.add_argument("--task-weights", type=float, nargs="+", default=None,
+                    help="with --queries > 1: sampling weight per --tasks entry (default: uniform)")
+    ap.add_argument("--zero-hop-queries", action="store_true",
+                    help="with --queries > 1: also ask variable chains' roots by name (training/tasks.variables)")
+    ap.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 3 x --hidden)")
     args = ap.parse_args(argv)
+    if args.task_weights is not None and (len(args.task_weights) != len(args.tasks)
+                                          or min(args.task_weights) < 0 or sum(args.task_weights) <= 0):
+        ap.error(f"--task-weights needs {len(args.tasks)} non-negative weights, one per --tasks entry, not all 0")
     if args.stages:
         parse_stages(args.stages)  # fail before any work
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    cfg = TinyConfig(hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers)
+    cfg = TinyConfig(hidden_size=args.hidden, intermediate_size=args.intermediate or 3 * args.hidden,
+                     num_hidden_layers=args.layers)
     model = TinySDAR(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32

@@ -45,3 +45,25 @@ def test_values_come_from_their_keys_group_and_stay_distinct(task):
     assert task == "variables" or groups == set(range(KEY_GROUPS))
     parts = [group_alphabet(0, g) for g in range(KEY_GROUPS)]
     assert sum(map(len, parts)) == len(VALUE_SLOTS[0]) and len({t for p in parts for t in p}) == len(VALUE_SLOTS[0])
+
+
+@pytest.mark.parametrize("context_len", [64, 512, 4096])
+def test_zero_hop_queries_name_each_chain_root_and_its_value(context_len):
+    """A variables sample's zero-hop questions ask each root by its own name, and the answer `solve` derives
+    from the prompt for that name is the same root value its one-hop question has."""
+    import dataclasses
+
+    from training.tasks import ANSWER, QUERY
+
+    rng = random.Random(context_len)
+    for _ in range(5):
+        s = make_sample("variables", context_len, rng)
+        assert len(s.zero_hop_queries) == len(s.queries)
+        assert [v for _, v in s.zero_hop_queries] == [v for _, v in s.queries]
+        body = s.prompt[:s.prompt.index(QUERY)]
+        for key, value in s.zero_hop_queries:
+            assert key not in {k for k, _ in s.queries}
+            asked = dataclasses.replace(s, prompt=[*body, QUERY, *key, ANSWER])
+            assert solve(asked) == list(value)
+    for task in ("needle", "recall"):
+        assert make_sample(task, 256, rng).zero_hop_queries == ()

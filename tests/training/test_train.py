@@ -10,7 +10,7 @@ import torch
 
 from training import train
 from training.model import TinyConfig, TinySDAR
-from training.tasks import MASK, VALUES
+from training.tasks import MASK, TASKS, VALUES
 
 
 def test_short_training_run_learns_and_saves(tmp_path):
@@ -132,3 +132,35 @@ def test_every_block_loss_training_smoke(tmp_path):
     out = train.main(["--out", str(tmp_path), "--steps", "20", "--context", "64", "--batch", "8", "--device", "cpu",
                       "--hidden", "64", "--layers", "2", "--queries", "4", "--body-loss-max-context", "512"])
     assert len(out["history"]) == 20 and all(h == h for h in out["history"])
+
+
+def test_zero_hop_queries_and_task_weights_shape_the_batches():
+    from training.tasks import VAR
+
+    rng = random.Random(3)
+    seqs, starts, answers = train.multi_query_batch(rng, 4, 256, 4, 8, ("variables",), zero_hop=True)
+    # a root's question and its chain's one-hop question share the answer: every answer appears twice
+    for row in answers.tolist():
+        assert all(row.count(a) == 2 for a in row)
+    plain = train.multi_query_batch(random.Random(3), 4, 256, 4, 8, ("variables",))
+    assert plain[2].shape[1] * 2 == answers.shape[1] and (seqs == VAR).any()
+    picks = [train.pick_task(rng, ("needle", "variables"), [0.0, 1.0]) for _ in range(20)]
+    assert set(picks) == {"variables"}
+    # no weights: the same draws as rng.choice, so older recipes keep their data stream
+    a, b = random.Random(5), random.Random(5)
+    assert [train.pick_task(a, TASKS) for _ in range(10)] == [b.choice(TASKS) for _ in range(10)]
+
+
+@pytest.mark.parametrize("weights", [["1", "2"], ["-1", "1", "1"], ["0", "0", "0"]])
+def test_bad_task_weights_are_rejected(tmp_path, weights, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--steps", "1", "--device", "cpu", "--task-weights", *weights])
+    assert "--task-weights" in capsys.readouterr().err
+
+
+def test_intermediate_width_and_zero_hop_training_smoke(tmp_path):
+    out = train.main(["--out", str(tmp_path), "--steps", "8", "--context", "64", "--batch", "4", "--device", "cpu",
+                      "--hidden", "64", "--layers", "2", "--intermediate", "96", "--queries", "4",
+                      "--body-loss-max-context", "128", "--zero-hop-queries", "--task-weights", "1", "1", "2"])
+    assert out["train_args"]["config"]["intermediate_size"] == 96 and len(out["history"]) == 8
+    assert all(h == h for h in out["history"])
