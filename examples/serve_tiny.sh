@@ -5,6 +5,7 @@
 # Usage: bash examples/serve_tiny.sh [--text] [--clients] [extra launch_server flags, e.g. --mage-k 64]
 #   --text     use a dummy-weight tiny SDAR with a word-level tokenizer (examples/tiny_model.py) so text APIs work
 #   --clients  (implies --text) also run examples/frontend_program.py and examples/openai_completions.py
+# Environment: PORT (default 30000), SERVER_LOG (the server's log, default /tmp/mage-server.log)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 text=0 clients=0
@@ -28,6 +29,7 @@ if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
 fi
 model_dir=$(mktemp -d)/tiny-sdar
 port=${PORT:-30000}
+server_log=${SERVER_LOG:-/tmp/mage-server.log}
 if [ "$text" = 1 ]; then
   python3 "$here/tiny_model.py" "$model_dir" --tokenizer
   # A tokenizer makes SGLang start its grammar backend (xgrammar by default), which the examples never use
@@ -43,12 +45,14 @@ else
 fi
 python3 -m sglang.launch_server --model-path "$model_dir" "${tokenizer_flags[@]}" \
   --dllm-algorithm LowConfidence --attention-backend mage --mage-k 64 --mage-min-context 256 \
-  --max-running-requests 4 --port "$port" "$@" > /tmp/mage-server.log 2>&1 &
+  --max-running-requests 4 --port "$port" "$@" > "$server_log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
+trap 'exit 143' TERM INT  # so a timeout's SIGTERM also stops the server (EXIT trap)
+echo "server starting (log: $server_log)"
 for _ in $(seq 600); do
   curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-  kill -0 $server 2>/dev/null || { tail -50 /tmp/mage-server.log; exit 1; }
+  kill -0 $server 2>/dev/null || { tail -50 "$server_log"; exit 1; }
   sleep 1
 done
 python3 - "$port" "$model_dir" "$root" <<'PY'
@@ -76,4 +80,4 @@ if [ "$clients" = 1 ]; then
   python3 "$here/frontend_program.py" --url "http://127.0.0.1:$port"
   python3 "$here/openai_completions.py" --url "http://127.0.0.1:$port/v1"
 fi
-grep -m1 "sglang-mage: k=" /tmp/mage-server.log || true
+grep -m1 "sglang-mage: k=" "$server_log" || true

@@ -17,6 +17,7 @@
 #   wait-sweep    wait for them; the run whose last held-out eval is best becomes $CKPT (logs of all come back)
 #   adapters-bg   adapters_check.py (ADAPTERS_ARGS) in the background; wait-adapters waits for it
 #   examples      examples/serve_tiny.sh (shipped checkpoint), --clients (server + frontend + OpenAI), offline_batch.py
+#   serve-ckpt    examples/serve_tiny.sh alone (SERVE_TIMEOUT), its server log kept
 #   probe-bg      training/retrieval_probe.py grid (PROBE_GRID, PROBE_MINUTES) in the background; wait-probe
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -27,6 +28,12 @@ t0=$(date +%s)
 stamp() { echo "[gpu_run +$(( $(date +%s) - t0 ))s] $*" | tee -a "$R/gpu_run.log"; }
 # Packed after every job: a call cut off at the device's time limit still brings back what finished.
 pack() { [ -d "$CKPT" ] && rm -rf "$R/checkpoint" && cp -r "$CKPT" "$R/checkpoint"; tar czf "$OUT/results.tgz" -C "$OUT" r; }
+serve_checkpoint() {
+  PORT=30221 SERVER_LOG="$R/serve_checkpoint_server.log" timeout "${SERVE_TIMEOUT:-200}" bash examples/serve_tiny.sh \
+    --mem-fraction-static 0.3 --max-total-tokens 65536 > "$R/examples_serve_checkpoint.log" 2>&1
+  echo "serve_tiny (checkpoint) rc=$?"; tail -4 "$R/examples_serve_checkpoint.log"
+  [ -s "$R/examples_serve_checkpoint.log" ] || tail -20 "$R/serve_checkpoint_server.log"
+}
 source tools/gpu_prep.sh > "$R/prep.log" 2>&1 || { cat "$R/prep.log"; exit 1; }
 python - > "$R/environment.txt" 2>&1 <<'PY'
 import torch, triton, flashinfer, sglang, transformers
@@ -66,15 +73,15 @@ for job in "$@"; do
     wait-adapters)
       wait "$adapters_pid"; echo "adapters rc=$?"; grep -v "Ignore import" "$R/adapters.log" | tail -8 ;;
     examples)  # small fixed KV pools: other engines share the GPU meanwhile
-      PORT=30221 timeout 200 bash examples/serve_tiny.sh --mem-fraction-static 0.5 --max-total-tokens 65536 \
-        > "$R/examples_serve_checkpoint.log" 2>&1; echo "serve_tiny (checkpoint) rc=$?"
-      tail -4 "$R/examples_serve_checkpoint.log"
+      serve_checkpoint
       PORT=30222 timeout 240 bash examples/serve_tiny.sh --clients --mem-fraction-static 0.5 \
         --max-total-tokens 65536 > "$R/examples_serve.log" 2>&1; echo "serve_tiny --clients rc=$?"
       tail -12 "$R/examples_serve.log"
       timeout 200 python examples/offline_batch.py --model-path "$CKPT" --num-prompts 64 --prompt-len 1024 4096 \
         --mage-k 64 --mem-fraction-static 0.5 --max-total-tokens 131072 --json "$R/offline_batch.json" \
         > "$R/examples_offline.log" 2>&1; echo "offline_batch rc=$?"; tr '\r' '\n' < "$R/examples_offline.log" | tail -6 ;;
+    serve-ckpt)  # the README's launch example alone: serve_tiny.sh on the shipped checkpoint
+      serve_checkpoint ;;
     probe-bg)
       python -m training.retrieval_probe --grid "${PROBE_GRID:-default}" --minutes "${PROBE_MINUTES:-4}" \
         --out "$R/retrieval_probe.json" > "$R/retrieval_probe.log" 2>&1 &
