@@ -8,6 +8,7 @@ cache skips, and per-request overhead cancel). Backends: mage (mean selector, sp
 the dLLM CUDA graph), mage_quest (eager: quest plans page bounds per forward), flashinfer (with its CUDA
 graph), triton (eager). `roofline_bound` is benchmarks/roofline.py's bound on mage's gain for that row's
 shape and size; `speedup_vs_flashinfer` and `fraction_of_bound` are the figures issue 6 states targets in.
+Every shape runs as an SDARForCausalLM body by default (`--model-class`, see MODEL_CLASSES for why).
 
 Writes benchmarks/results/e2e.json after every point (rows {shape, context, batch, backend, block_ms,
 tokens_per_s, roofline_bound, ...}), prints a table, and plots benchmarks/results/e2e.png. GPU only.
@@ -44,6 +45,21 @@ CONFIGS = {
     for name, body in _HF_BODIES.items()
 }
 BLOCK = {"fast-dllm-v2-1.5b": 32, "fast-dllm-v2-7b": 32, "sdar-1.7b": 4}
+# The Fast_dLLM_Qwen class reads per-forward extend offsets, so the plugin runs it eagerly with every backend
+# (sglang_mage/hooks.py), and flashinfer "with its CUDA graph" cannot exist at that class: on the H200 its
+# 1 x 128K point had not finished in 4 minutes (results/raw/e2e_cut_h200.log). `--model-class sdar` (the
+# default) times the same shape (layers, heads, hidden, MLP, vocab, B=32) as an SDARForCausalLM body, which
+# both backends capture; per-step bytes differ only by the q/k norms. `native` keeps each shape's own class.
+MODEL_CLASSES = ("sdar", "native")
+
+
+def model_config(shape: str, model_class: str = "sdar") -> dict:
+    cfg = dict(CONFIGS[shape])
+    if model_class == "sdar" and cfg["architectures"] != ["SDARForCausalLM"]:
+        cfg.pop("bd_size", None)
+        cfg.update(architectures=["SDARForCausalLM"], model_type="qwen3", block_size=BLOCK[shape],
+                   head_dim=cfg["hidden_size"] // cfg["num_attention_heads"])
+    return cfg
 BACKENDS = {
     "mage": dict(attention_backend="mage"),  # sparse steps replay from the dLLM CUDA graph
     "mage_quest": dict(attention_backend="mage", mage_selector="quest", disable_cuda_graph=True),
@@ -52,10 +68,10 @@ BACKENDS = {
 }
 
 
-def write_model(root: str, shape: str, context: int) -> str:
-    path = os.path.join(root, shape)
+def write_model(root: str, shape: str, context: int, model_class: str = "sdar") -> str:
+    path = os.path.join(root, f"{shape}-{model_class}")
     os.makedirs(path, exist_ok=True)
-    cfg = dict(CONFIGS[shape], max_position_embeddings=context + 4096, rms_norm_eps=1e-6, rope_theta=1e6,
+    cfg = dict(model_config(shape, model_class), max_position_embeddings=context + 4096, rms_norm_eps=1e-6, rope_theta=1e6,
                tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151643)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
@@ -78,7 +94,7 @@ def plan_runs(shapes, contexts, batch16_contexts, backends) -> list[tuple[str, s
     return runs
 
 
-def start_engine(shape: str, backend: str, points, root: str):
+def start_engine(shape: str, backend: str, points, root: str, model_class: str = "sdar"):
     import sglang as sgl
 
     steps = min(8, BLOCK[shape])
@@ -87,7 +103,7 @@ def start_engine(shape: str, backend: str, points, root: str):
         f.write(f"steps: {steps}\n")
     max_context = max(c for c, _ in points)
     return sgl.Engine(
-        model_path=write_model(root, shape, max_context), load_format="dummy", skip_tokenizer_init=True,
+        model_path=write_model(root, shape, max_context, model_class), load_format="dummy", skip_tokenizer_init=True,
         dllm_algorithm="FixedSteps", dllm_algorithm_config=algo_cfg, max_running_requests=max(b for _, b in points),
         context_length=max_context + 4096, mem_fraction_static=0.85, random_seed=0, log_level="warning",
         **BACKENDS[backend], **({"mage_k": 512} if backend.startswith("mage") else {}),
@@ -106,10 +122,18 @@ def time_per_block(engine, shape: str, context: int, batch: int, blocks: int) ->
         engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_blocks * block, "ignore_eos": True})
         return time.perf_counter() - t0
 
-    run(1)  # prefill into the radix cache, and warm-up
+    # No separate warm-up pass at this size (warm_up ran at engine start): a 128K prompt costs thousands of
+    # forwards on backends without chunked prefill. The second call finds the prompt in the radix cache;
+    # if it did not, both calls would pay the same prefill, which the difference still cancels.
     one = run(1)
     many = run(1 + blocks)
     return (many - one) / blocks
+
+
+def warm_up(engine, shape: str) -> None:
+    """Compile and capture on a short prompt, so the first timed point pays no JIT or capture cost."""
+    engine.generate(input_ids=[list(range(1000, 1000 + 4 * BLOCK[shape]))],
+                    sampling_params={"max_new_tokens": 2 * BLOCK[shape], "ignore_eos": True})
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -131,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch16-contexts", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     ap.add_argument("--blocks", type=int, default=4, help="extra blocks timed per measurement")
+    ap.add_argument("--model-class", choices=MODEL_CLASSES, default="sdar",
+                    help="sdar: every shape as an SDARForCausalLM body (CUDA-graph capturable); native: its own class")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "e2e.json"))
     args = ap.parse_args(argv)
     import torch
@@ -145,7 +171,9 @@ def main(argv=None) -> int:
     result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "sglang": sglang.__version__},
               "config": {"algorithm": "FixedSteps (8 steps per 32-token block; 4 for B=4)", "mage_k": 512,
-                         "blocks_timed": args.blocks, "weights": "dummy",
+                         "blocks_timed": args.blocks, "weights": "dummy", "model_class": args.model_class,
+                         "architectures": {sh: model_config(sh, args.model_class)["architectures"][0]
+                                           for sh in args.shapes},
                          "cuda_graph": {b: not BACKENDS[b].get("disable_cuda_graph", False) for b in BACKENDS}},
               "rows": []}
     rows, root = result["rows"], tempfile.mkdtemp(prefix="mage-e2e-")
@@ -153,7 +181,8 @@ def main(argv=None) -> int:
     for shape, backend, points in runs:
         engine, error = None, None
         try:
-            engine = start_engine(shape, backend, points, root)
+            engine = start_engine(shape, backend, points, root, args.model_class)
+            warm_up(engine, shape)
         except Exception as e:  # noqa: BLE001 - an engine that cannot start is rows with an error, not a crash
             error = f"engine start: {type(e).__name__}: {e}"[:400]
         for context, batch in points:

@@ -61,3 +61,35 @@ def test_no_gpu_is_a_clear_exit_not_a_traceback(capsys):
         pytest.skip("this checks the CPU-only exit")
     assert bench_e2e.main(["--out", os.devnull]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_sdar_model_class_keeps_the_shape_and_block_and_is_graph_capturable(tmp_path):
+    from sglang_mage.hooks import GRAPH_CAPTURABLE_ARCHITECTURES
+
+    from roofline import SHAPES
+
+    for shape in ("fast-dllm-v2-1.5b", "fast-dllm-v2-7b", "sdar-1.7b"):
+        native, sdar = bench_e2e.model_config(shape, "native"), bench_e2e.model_config(shape, "sdar")
+        assert sdar["architectures"][0] in GRAPH_CAPTURABLE_ARCHITECTURES
+        for key in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads"):
+            assert sdar[key] == native[key]
+        s = SHAPES[shape]
+        assert sdar["head_dim"] == s.head_dim and sdar["num_key_value_heads"] == s.kv_heads
+        assert sdar["block_size"] == bench_e2e.BLOCK[shape]
+    assert bench_e2e.model_config("fast-dllm-v2-1.5b", "native")["architectures"] == ["Fast_dLLM_QwenForCausalLM"]
+    path = bench_e2e.write_model(str(tmp_path), "fast-dllm-v2-7b", 131072)
+    cfg = json.loads(open(os.path.join(path, "config.json")).read())
+    assert cfg["architectures"] == ["SDARForCausalLM"] and cfg["max_position_embeddings"] >= 131072 + 32
+    assert "bd_size" not in cfg
+
+
+def test_sdar_body_resolves_to_block_32_through_the_adapter_registry(tmp_path):
+    """The registry reads config.json's block_size for SDAR (SGLang's own table says 4)."""
+    import types
+
+    from sglang_mage.model_adapters.registry import find_adapter, resolve_block_params
+
+    cfg = bench_e2e.model_config("fast-dllm-v2-1.5b", "sdar")
+    spec = find_adapter(cfg["architectures"][0])
+    assert resolve_block_params(spec, types.SimpleNamespace(**cfg), {})[0] == 32
