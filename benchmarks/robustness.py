@@ -6,8 +6,9 @@ Starts `launch_server` (tiny dummy-weight SDAR unless --model-path) with $SGLANG
 2. abort: long requests aborted mid-generation through /abort_request free their cache entries;
 3. determinism: the same prompts twice give identical greedy output;
 4. soak: --soak-seconds of mixed load with random aborts, counting errors.
-Writes benchmarks/results/robustness.json: {requests, concurrency, errors, cache_slots_after, abort_freed,
-deterministic, soak_seconds, soak_errors} plus config and details.
+Writes benchmarks/results/robustness.json after every phase: {requests, concurrency, errors,
+cache_slots_after, abort_freed, deterministic, soak_seconds, soak_errors, phases_done} plus config (with
+the server's startup seconds) and details; a run cut short keeps the phases it finished.
 
 Usage: python benchmarks/robustness.py [--requests 1000] [--concurrency 16] [--soak-seconds 300]
 """
@@ -182,6 +183,51 @@ def start_server(model_path: str | None, port: int, stats_path: str, log_path: s
     raise RuntimeError("server did not become healthy in 15 minutes")
 
 
+def run_phases(client, args, stats_path: str, save) -> dict:
+    """The four phases in order; `save(result)` after each, so a run cut off (by the device's time limit,
+    say) keeps the figures of every phase it finished. `result["phases_done"]` lists them."""
+    from tqdm import tqdm
+
+    result: dict = {"requests": args.requests, "concurrency": args.concurrency, "errors": None,
+                    "cache_slots_after": None, "abort_freed": None, "deterministic": None,
+                    "soak_seconds": args.soak_seconds, "soak_errors": None, "phases_done": [], "details": {}}
+
+    def done(phase: str) -> None:
+        result["phases_done"].append(phase)
+        save(result)
+
+    t0 = time.time()
+    with tqdm(total=args.requests, desc="load", unit="req") as bar:
+        errors, messages = run_load(client, args.requests, args.concurrency, tuple(args.prompt_len), 1, bar)
+    time.sleep(1.0)
+    result.update(errors=errors, cache_slots_after=occupancy(stats_path))
+    result["details"].update(error_messages=messages, load_seconds=round(time.time() - t0, 1))
+    done("load")
+    aborts = abort_check(client, stats_path)
+    result["abort_freed"] = aborts["abort_freed"]
+    result["details"]["abort"] = aborts
+    done("abort")
+    rng = random.Random(3)
+    same = [prompt(rng, 100, 2000) for _ in range(args.concurrency)]
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        first = list(pool.map(lambda p: client.generate(p, 33)["output_ids"], same))
+        second = list(pool.map(lambda p: client.generate(p, 33)["output_ids"], same))
+    result["deterministic"] = first == second
+    done("determinism")
+    soak_requests, soak_errors = soak(client, args.soak_seconds, args.concurrency, 5)
+    time.sleep(1.0)
+    result["soak_errors"] = soak_errors
+    result["details"].update(soak_requests=soak_requests, cache_slots_after_soak=occupancy(stats_path))
+    done("soak")
+    return result
+
+
+def passed(result: dict) -> bool:
+    return (result["phases_done"] == ["load", "abort", "determinism", "soak"] and result["errors"] == 0
+            and result["cache_slots_after"] == 0 and result["abort_freed"] is True
+            and result["deterministic"] is True and result["soak_errors"] == 0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path")
@@ -193,7 +239,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "robustness.json"))
     ap.add_argument("server_args", nargs="*", help="extra launch_server flags (after --)")
     args = ap.parse_args(argv)
-    from tqdm import tqdm
 
     global PROMPT_TOKENS
     sys.path.insert(0, os.path.join(HERE, "..", "examples"))
@@ -202,40 +247,27 @@ def main(argv=None) -> int:
     PROMPT_TOKENS = prompt_token_range(args.model_path)
     tmp = tempfile.mkdtemp(prefix="mage-robust-")
     stats_path, log_path = os.path.join(tmp, "stats.json"), os.path.join(tmp, "server.log")
+    config = {"model": args.model_path or "tiny dummy SDAR", "prompt_len": args.prompt_len, "mage_k": 64,
+              "mage_min_context": 256, "extra_server_args": args.server_args, "server_log": log_path}
+
+    def save(result: dict) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump({**result, "config": config}, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+    t0 = time.time()
     server = start_server(args.model_path, args.port, stats_path, log_path,
                           ["--max-running-requests", str(args.concurrency), *args.server_args])
-    client = Client(f"http://127.0.0.1:{args.port}")
+    config["server_startup_seconds"] = round(time.time() - t0, 1)
+    print(f"server healthy after {config['server_startup_seconds']} s", flush=True)
     try:
-        with tqdm(total=args.requests, desc="load", unit="req") as bar:
-            errors, messages = run_load(client, args.requests, args.concurrency, tuple(args.prompt_len), 1, bar)
-        time.sleep(1.0)
-        slots_after = occupancy(stats_path)
-        aborts = abort_check(client, stats_path)
-        rng = random.Random(3)
-        same = [prompt(rng, 100, 2000) for _ in range(args.concurrency)]
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            first = list(pool.map(lambda p: client.generate(p, 33)["output_ids"], same))
-            second = list(pool.map(lambda p: client.generate(p, 33)["output_ids"], same))
-        soak_requests, soak_errors = soak(client, args.soak_seconds, args.concurrency, 5)
-        time.sleep(1.0)
+        result = run_phases(Client(f"http://127.0.0.1:{args.port}"), args, stats_path, save)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    result = {
-        "requests": args.requests, "concurrency": args.concurrency, "errors": errors,
-        "cache_slots_after": slots_after, "abort_freed": aborts["abort_freed"], "deterministic": first == second,
-        "soak_seconds": args.soak_seconds, "soak_errors": soak_errors,
-        "details": {"error_messages": messages, "abort": aborts, "soak_requests": soak_requests,
-                    "cache_slots_after_soak": occupancy(stats_path), "server_log": log_path},
-        "config": {"model": args.model_path or "tiny dummy SDAR", "prompt_len": args.prompt_len,
-                   "mage_k": 64, "mage_min_context": 256, "extra_server_args": args.server_args},
-    }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("details", "config")}, indent=1))
-    ok = (errors == 0 and slots_after == 0 and aborts["abort_freed"] and first == second and soak_errors == 0)
-    return 0 if ok else 1
+    print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1))
+    return 0 if passed(result) else 1
 
 
 if __name__ == "__main__":

@@ -47,3 +47,29 @@ def test_abort_check_aborts_every_request_and_reads_occupancy(tmp_path):
 def test_soak_runs_until_the_deadline_and_counts_errors():
     requests, errors = robustness.soak(FakeClient(fail_every=7), 0.3, 2, seed=1)
     assert requests > 0 and 0 < errors <= requests
+
+
+def test_phases_save_after_each_and_a_cut_run_keeps_what_finished(tmp_path, monkeypatch):
+    import argparse
+
+    import pytest
+
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"occupancy": 0}))
+    args = argparse.Namespace(requests=12, concurrency=3, prompt_len=[3, 9], soak_seconds=0.2)
+    saved = []
+    result = robustness.run_phases(FakeClient(), args, str(stats), lambda r: saved.append(json.loads(json.dumps(r))))
+    assert [s["phases_done"] for s in saved] == [["load"], ["load", "abort"], ["load", "abort", "determinism"],
+                                                ["load", "abort", "determinism", "soak"]]
+    assert saved[0]["errors"] == 0 and saved[0]["soak_errors"] is None
+    assert robustness.passed(result)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands in for the run being killed mid-soak
+
+    saved.clear()
+    monkeypatch.setattr(robustness, "soak", killed)
+    with pytest.raises(KeyboardInterrupt):
+        robustness.run_phases(FakeClient(), args, str(stats), saved.append)
+    assert saved[-1]["phases_done"] == ["load", "abort", "determinism"] and not robustness.passed(saved[-1])
+    assert robustness.passed(result) and not robustness.passed(dict(result, errors=1))
