@@ -54,7 +54,7 @@ import engine_jobs  # noqa: E402
 from training import train  # noqa: E402
 from training.model import TinyConfig, TinySDAR  # noqa: E402
 from training.sparse_reference import decode_with_method  # noqa: E402
-from training.tasks import ANSWER_LEN, TASKS  # noqa: E402
+from training.tasks import ALL_TASKS, ANSWER_LEN, TASKS  # noqa: E402
 
 SHIPPED_CHECKPOINT = os.path.join(ROOT, "checkpoints", "tiny-sdar-recall")
 METHODS = ("exact", "mage", "quest", "oracle")
@@ -70,13 +70,7 @@ def load_model(checkpoint: str, device: str = "cpu", seed: int = 0) -> TinySDAR:
     if checkpoint == "random":
         torch.manual_seed(seed)
         return TinySDAR(TinyConfig()).to(device).eval()
-    from safetensors.torch import load_file
-
-    with open(os.path.join(checkpoint, "config.json")) as f:
-        cfg = json.load(f)
-    model = TinySDAR(TinyConfig(**{k: cfg[k] for k in TinyConfig.__dataclass_fields__ if k in cfg}))
-    state = load_file(os.path.join(checkpoint, "model.safetensors"))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model, _ = train.load_checkpoint(checkpoint)
     return model.to(device).eval()
 
 
@@ -305,7 +299,8 @@ def parse_args(argv=None):
     ap.add_argument("--baseline-ks", type=int, nargs="+", default=None,
                     help="budgets for quest and oracle (default: --ks)")
     ap.add_argument("--samples", type=int, default=32, help="samples per context (tasks mixed at random)")
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--tasks", nargs="+", choices=ALL_TASKS, default=None,
+                    help="default: the tasks in the checkpoint's training_args.json (else needle recall variables)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--local", type=int, default=64)
@@ -324,7 +319,20 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.contexts is None:
         args.contexts = [512, 2048] if args.engine == "reference" else [2048, 8192, 32768]
+    if args.tasks is None:
+        args.tasks = checkpoint_tasks(args.checkpoint)
     return args
+
+
+def checkpoint_tasks(checkpoint: str) -> list[str]:
+    """The tasks a checkpoint was trained on (its training_args.json), so it is evaluated on the same mix;
+    TASKS where it records none (a random model, an older checkpoint)."""
+    try:
+        with open(os.path.join(checkpoint, "training_args.json")) as f:
+            tasks = json.load(f).get("tasks")
+    except (OSError, ValueError):
+        tasks = None
+    return [t for t in tasks if t in ALL_TASKS] if tasks else list(TASKS)
 
 
 def main(argv=None, generate=None, log=print) -> dict:

@@ -64,12 +64,12 @@ def group_alphabet(slot: int, group: int) -> range:
     return range(r.start + group * per, r.start + (group + 1) * per)
 
 
-def _values(rng: random.Random, keys) -> list[tuple[int, ...]]:
-    """One distinct ANSWER_LEN-token code per key, token j from group_alphabet(j, key_group(key))."""
+def _values(rng: random.Random, keys, slots=range(ANSWER_LEN)) -> list[tuple[int, ...]]:
+    """One distinct code per key, its tokens from group_alphabet(slot, key_group(key)) for each slot."""
     seen: set[tuple[int, ...]] = set()
     out = []
     for key in keys:
-        pools = [group_alphabet(j, key_group(key)) for j in range(ANSWER_LEN)]
+        pools = [group_alphabet(j, key_group(key)) for j in slots]
         code = tuple(rng.choice(p) for p in pools)
         while code in seen:
             code = tuple(rng.choice(p) for p in pools)
@@ -120,7 +120,8 @@ def recall(rng: random.Random, context_len: int) -> Sample:
                   tuple(zip(keys, values)))
 
 
-def variables(rng: random.Random, context_len: int, chain: int = 2, max_chains: int = 4) -> Sample:
+def variables(rng: random.Random, context_len: int, chain: int = 2, max_chains: int = 4,
+              named: bool = False) -> Sample:
     """Chains VAR x ASSIGN v v v v, then VAR y ASSIGN VAR x, ... spread through filler; the query names a
     chain's last variable, whose value is its chain's root value. Statements take at most half the context.
     Chains are `chain` variables long (chain - 1 hops): the shipped model has 4 layers, and every hop of a
@@ -129,11 +130,18 @@ def variables(rng: random.Random, context_len: int, chain: int = 2, max_chains: 
     `zero_hop_queries` ask for a root by its own name: the lookup the hop's second half performs, in this
     task's syntax (one-token names, ASSIGN). Training on them as well (train.py --zero-hop-queries) means
     the answer's gradient on a one-hop question reaches a model whose second half already works, instead
-    of needing both halves before either is rewarded, as with needle retrieval before key-grouped values."""
-    chain_tokens = 3 + ANSWER_LEN + (chain - 1) * 5
+    of needing both halves before either is rewarded, as with needle retrieval before key-grouped values.
+
+    `named` (task "variables_named"): roots hold 3-token values, and the answer is the root's name followed
+    by its value, [x, v1, v2, v3]. Each answer token is then one lookup away from the prompt plus the block:
+    x from the chain's statement, v1..v3 from x's statement once x is in the block. Block diffusion's
+    denoising steps carry the chain (unmask x, then the value), the way MAGE's later steps refine a block
+    whose first step chose the KV; the 4-layer model learned no two-hop lookup in one forward."""
+    value_len = ANSWER_LEN - 1 if named else ANSWER_LEN
+    chain_tokens = 3 + value_len + (chain - 1) * 5
     chains = max(1, min(max_chains, (context_len // 2) // chain_tokens))
     names = _distinct(rng, KEYS, chain * chains, 1)
-    roots = _values(rng, [names[c * chain] for c in range(chains)])
+    roots = _values(rng, [names[c * chain] for c in range(chains)], range(ANSWER_LEN - value_len, ANSWER_LEN))
     statements = []
     for c in range(chains):
         chain_names = names[c * chain:(c + 1) * chain]
@@ -158,16 +166,23 @@ def variables(rng: random.Random, context_len: int, chain: int = 2, max_chains: 
     body += filler[last:]
     target = rng.randrange(chains)
     last = [names[c * chain + chain - 1] for c in range(chains)]
-    return Sample("variables", [BOS, *body, QUERY, *last[target], ANSWER], list(roots[target]),
-                  tuple(zip(last, roots)), tuple(zip(names[::chain], roots)))
+    answers = [(*names[c * chain], *roots[c]) if named else roots[c] for c in range(chains)]
+    return Sample("variables_named" if named else "variables", [BOS, *body, QUERY, *last[target], ANSWER],
+                  list(answers[target]), tuple(zip(last, answers)), tuple(zip(names[::chain], answers)))
 
 
-GENERATORS = {"needle": needle, "recall": recall, "variables": variables}
+def variables_named(rng: random.Random, context_len: int) -> Sample:
+    return variables(rng, context_len, named=True)
+
+
+GENERATORS = {"needle": needle, "recall": recall, "variables": variables, "variables_named": variables_named}
+# TASKS: the shipped checkpoint's training and evaluation mix; ALL_TASKS: every generator.
+ALL_TASKS = tuple(GENERATORS)
 
 
 def make_sample(task: str, context_len: int, rng: random.Random) -> Sample:
     if task not in GENERATORS:
-        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+        raise ValueError(f"unknown task {task!r}; known: {ALL_TASKS}")
     if context_len < 64:
         raise ValueError(f"context_len must be >= 64 (got {context_len})")
     return GENERATORS[task](rng, context_len)
@@ -195,7 +210,9 @@ def solve(sample: Sample) -> list[int]:
         hits = [i for i in range(0, len(body), per_pair) if tuple(body[i:i + 2]) == key]
         assert len(hits) == 1
         return body[hits[0] + 2:hits[0] + per_pair]
-    env: dict[int, list[int]] = {}
+    named = sample.task == "variables_named"
+    value_len = ANSWER_LEN - 1 if named else ANSWER_LEN
+    env: dict[int, list[int]] = {}  # name -> its root's answer
     i = 0
     while i < len(body):
         if body[i] == VAR and i + 2 < len(body) and body[i + 2] == ASSIGN:
@@ -204,8 +221,8 @@ def solve(sample: Sample) -> list[int]:
                 env[name] = env[body[i + 4]]
                 i += 5
             else:
-                env[name] = body[i + 3:i + 3 + ANSWER_LEN]
-                i += 3 + ANSWER_LEN
+                env[name] = ([name] if named else []) + body[i + 3:i + 3 + value_len]
+                i += 3 + value_len
         else:
             i += 1
     return env[key[0]]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import TinyConfig, TinySDAR, block_causal_mask, training_mask
-from .tasks import ANSWER_LEN, BOS, FILLER, MASK, QUERY, TASKS, make_sample, query_group
+from .tasks import ALL_TASKS, ANSWER_LEN, BOS, FILLER, MASK, QUERY, TASKS, make_sample, query_group
 
 
 def pick_task(rng: random.Random, tasks, weights=None) -> str:
@@ -187,19 +187,31 @@ def save_checkpoint(model: TinySDAR, out: str, train_args: dict) -> None:
         json.dump(train_args, f, indent=1)
 
 
+def load_checkpoint(path: str) -> tuple[TinySDAR, TinyConfig]:
+    """A checkpoint written by save_checkpoint, as an fp32 TinySDAR in train mode, and its config."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    cfg = TinyConfig(**{k: hf[k] for k in TinyConfig.__dataclass_fields__ if k in hf})
+    model = TinySDAR(cfg)
+    model.load_state_dict({k: v.float() for k, v in load_file(os.path.join(path, "model.safetensors")).items()})
+    return model, cfg
+
+
 def accuracy_by_task(correct: torch.Tensor, task_names) -> dict:
     """{task: share of its samples answered exactly}, `correct` [N] bool in the order of `task_names`."""
     return {t: round(float(correct[[i for i, n in enumerate(task_names) if n == t]].float().mean()), 4)
             for t in sorted(set(task_names))}
 
 
-def held_out_accuracy(model, contexts, samples: int, block: int, device, seed: int = 12345) -> dict:
+def held_out_accuracy(model, contexts, samples: int, block: int, device, seed: int = 12345, tasks=TASKS) -> dict:
     """Exact-match accuracy of greedy block decoding per (context, task) on held-out samples (seeds disjoint
     from training's), exact attention."""
     out = {}
     model.eval()
     for ctx in contexts:
-        prompts, answers, names = padded_batch(random.Random(seed + ctx), samples, ctx, block)
+        prompts, answers, names = padded_batch(random.Random(seed + ctx), samples, ctx, block, tuple(tasks))
         got = torch.cat([decode_answer(model, prompts[i:i + 16].to(device)).cpu()
                          for i in range(0, samples, 16)])
         correct = (got == answers).all(-1)
@@ -271,7 +283,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup-context", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--warmup-fraction", type=float, default=0.0, help="share of the time budget on --warmup-context")
     ap.add_argument("--stages", default="", help="curriculum 'share:ctx,ctx;share:ctx,...' (overrides the warm-up flags)")
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="training tasks")
+    ap.add_argument("--tasks", nargs="+", choices=ALL_TASKS, default=list(TASKS),
+                    help="training tasks (also the held-out evaluation's)")
     ap.add_argument("--batch", type=int, default=8, help="samples per step at the shortest context")
     ap.add_argument("--tokens-per-step", type=int, default=0,
                     help="if set, samples per step = tokens-per-step // context (overrides --batch scaling)")
@@ -294,6 +307,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--zero-hop-queries", action="store_true",
                     help="with --queries > 1: also ask variable chains' roots by name (training/tasks.variables)")
     ap.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 3 x --hidden)")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this checkpoint's weights and config (its --hidden/--layers/--intermediate win)")
     args = ap.parse_args(argv)
     if args.task_weights is not None and (len(args.task_weights) != len(args.tasks)
                                           or min(args.task_weights) < 0 or sum(args.task_weights) <= 0):
@@ -304,7 +319,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     cfg = TinyConfig(hidden_size=args.hidden, intermediate_size=args.intermediate or 3 * args.hidden,
                      num_hidden_layers=args.layers)
-    model = TinySDAR(cfg).to(args.device)
+    if args.init_from:
+        model, cfg = load_checkpoint(args.init_from)
+        model = model.to(args.device)
+    else:
+        model = TinySDAR(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     budget = args.minutes * 60
@@ -315,7 +334,8 @@ def main(argv=None) -> dict:
                                               num_workers=args.workers, prefetch_factor=4 if args.workers else None))
     def evaluate(step: int) -> None:
         with torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            acc = held_out_accuracy(model, args.eval_contexts, args.eval_samples, cfg.block_size, args.device)
+            acc = held_out_accuracy(model, args.eval_contexts, args.eval_samples, cfg.block_size, args.device,
+                                    tasks=args.tasks)
         evals.append({"step": step, "s": round(time.time() - start, 1), "accuracy": acc})
         print("EVAL " + json.dumps(evals[-1]), flush=True)
         log.write(json.dumps(evals[-1]) + "\n")

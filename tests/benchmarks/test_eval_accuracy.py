@@ -147,3 +147,17 @@ def test_pick_checkpoint_prefers_the_best_last_evaluation(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(root, "tools", "pick_checkpoint.py"), *paths,
                           str(tmp_path / "missing" / "training_args.json")], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(tmp_path / "b")  # mean 0.6 beats 0.5; a run without evals never wins
+
+
+def test_default_tasks_come_from_the_checkpoint(tmp_path):
+    """A checkpoint is evaluated on the mix it was trained on (training_args.json), TASKS otherwise."""
+    import json as _json
+
+    from eval_accuracy import checkpoint_tasks
+
+    from training.tasks import TASKS
+
+    (tmp_path / "training_args.json").write_text(_json.dumps({"tasks": ["needle", "variables_named"]}))
+    assert checkpoint_tasks(str(tmp_path)) == ["needle", "variables_named"]
+    assert checkpoint_tasks(str(tmp_path / "missing")) == list(TASKS)
+    assert checkpoint_tasks("random") == list(TASKS)

@@ -67,3 +67,35 @@ def test_zero_hop_queries_name_each_chain_root_and_its_value(context_len):
             assert solve(asked) == list(value)
     for task in ("needle", "recall"):
         assert make_sample(task, 256, rng).zero_hop_queries == ()
+
+
+@pytest.mark.parametrize("context_len", [64, 300, 2048, 8192])
+def test_variables_named_answers_the_root_name_then_its_value(context_len):
+    """variables_named: the answer is [root name, v1, v2, v3]; every token is one lookup from the prompt plus
+    the tokens before it in the block; the zero-hop question of a root has the same answer."""
+    from training.tasks import ASSIGN, KEYS, QUERY, VAR
+
+    rng = random.Random(context_len)
+    for _ in range(5):
+        s = make_sample("variables_named", context_len, rng)
+        assert s.task == "variables_named" and solve(s) == s.answer and len(s.answer) == ANSWER_LEN
+        root = s.answer[0]
+        assert root in KEYS and all(t in VALUE_SLOTS[j] for j, t in enumerate(s.answer) if j)
+        p = s.prompt
+        at = [i for i in range(len(p) - 2) if p[i] == VAR and p[i + 1] == root and p[i + 2] == ASSIGN]
+        assert len(at) == 1 and p[at[0] + 3:at[0] + 6] == s.answer[1:]  # the root's own statement
+        assert dict(s.zero_hop_queries)[(root,)] == tuple(s.answer)
+        assert context_len - 8 <= len(p) <= context_len + 64 and p.index(QUERY) == len(p) - 3
+
+
+def test_the_shipped_mix_keeps_its_random_stream():
+    """TASKS (the shipped checkpoint's mix) draws what it drew before variables_named existed: same prompts
+    for the same seed, so held-out sets and CI thresholds stay comparable (pinned by a digest)."""
+    import hashlib
+
+    from training.tasks import ALL_TASKS
+
+    assert TASKS == ("needle", "recall", "variables") and set(TASKS) < set(ALL_TASKS)
+    rng = random.Random(2024)
+    blob = repr([make_sample(t, 256, rng).prompt for t in TASKS * 3]).encode()
+    assert hashlib.sha256(blob).hexdigest()[:16] == "bf858d1ced89778f"  # computed at commit 725959e, before variables_named

@@ -164,3 +164,15 @@ def test_intermediate_width_and_zero_hop_training_smoke(tmp_path):
                       "--body-loss-max-context", "128", "--zero-hop-queries", "--task-weights", "1", "1", "2"])
     assert out["train_args"]["config"]["intermediate_size"] == 96 and len(out["history"]) == 8
     assert all(h == h for h in out["history"])
+
+
+def test_init_from_continues_from_a_saved_checkpoint(tmp_path):
+    """--init-from loads the weights and config (its widths win over --hidden/--layers)."""
+    first = train.main(["--out", str(tmp_path / "a"), "--steps", "3", "--context", "64", "--batch", "2",
+                        "--device", "cpu", "--hidden", "64", "--layers", "2"])
+    model, cfg = train.load_checkpoint(str(tmp_path / "a"))
+    ref = {k: v.to(torch.bfloat16).float() for k, v in first["model"].state_dict().items()}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
+    out = train.main(["--out", str(tmp_path / "b"), "--steps", "2", "--context", "64", "--batch", "2", "--device", "cpu",
+                      "--hidden", "256", "--layers", "4", "--init-from", str(tmp_path / "a"), "--lr", "0"])
+    assert out["train_args"]["config"]["hidden_size"] == 64 and out["train_args"]["config"]["num_hidden_layers"] == 2
