@@ -27,6 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from results_io import write_json  # noqa: E402
 from roofline import SHAPES, roofline_bound  # noqa: E402
 
 # Hugging Face configs at each shape (Qwen2.5 bodies for Fast-dLLM v2, Qwen3 for SDAR); weights are dummy.
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
             add_ratios(rows)
             bar.update()
             tqdm.write(json.dumps(rows[-1]))
-            save(result, args.out)  # after every point: a run cut at the device's limit keeps what it measured
+            write_json(args.out, result)  # after every point: a run cut at the device's limit keeps what it measured
         if engine is not None:
             engine.shutdown()
     bar.close()
@@ -211,13 +212,6 @@ def main(argv=None) -> int:
               f"{str(r['tokens_per_s']):>9} {str(r['speedup_vs_flashinfer']):>6} {r['roofline_bound']:>6}")
     plot(result, args.out.replace(".json", ".png"))
     return 0
-
-
-def save(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def plot(result: dict, path: str) -> None:

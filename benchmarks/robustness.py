@@ -30,6 +30,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from results_io import write_json  # noqa: E402
 
 
 def post(url: str, body: dict, timeout: float = 600) -> dict:
@@ -251,10 +253,7 @@ def main(argv=None) -> int:
               "mage_min_context": 256, "extra_server_args": args.server_args, "server_log": log_path}
 
     def save(result: dict) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".tmp", "w") as f:
-            json.dump({**result, "config": config}, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        write_json(args.out, {**result, "config": config})
 
     t0 = time.time()
     server = start_server(args.model_path, args.port, stats_path, log_path,

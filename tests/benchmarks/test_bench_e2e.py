@@ -40,14 +40,14 @@ def test_ratios_against_flashinfer_at_the_same_point():
     assert by["mage", 8192]["speedup_vs_flashinfer"] is None and by["mage", 8192]["fraction_of_bound"] is None
 
 
-def test_save_is_atomic_and_plot_writes_png(tmp_path):
+def test_results_json_is_written_atomically_and_plot_writes_png(tmp_path):
     rows = [{"shape": s, "context": c, "batch": 1, "backend": b, "block_ms": ms * c / 8192, "tokens_per_s": 1.0,
              "roofline_bound": round(roofline_bound(s, 1, c), 2)}
             for s in ("fast-dllm-v2-1.5b", "fast-dllm-v2-7b") for c in (8192, 131072)
             for b, ms in (("flashinfer", 10.0), ("mage", 6.0), ("triton", 12.0))]
     bench_e2e.add_ratios(rows)
     out = tmp_path / "e2e.json"
-    bench_e2e.save({"rows": rows}, str(out))
+    bench_e2e.write_json(str(out), {"rows": rows})
     assert json.loads(out.read_text())["rows"] == rows and not (tmp_path / "e2e.json.tmp").exists()
     pytest.importorskip("matplotlib")
     bench_e2e.plot({"rows": rows}, str(tmp_path / "e2e.png"))
