@@ -2,12 +2,13 @@
 
 For each (shape, backend) it starts one offline `sgl.Engine` with FixedSteps (8 denoising steps + the
 commit pass per 32-token block). For each (context, batch) point it prefills `batch` prompts of `context`
-tokens (chunked prompt prefill with mage), then times two generations of the same prompts from the warm
-radix cache: 1 block and 1 + N blocks. Their difference / N is the time per block (prefill, which the
-cache skips, and per-request overhead cancel). Backends: mage (mean selector, sparse steps replayed from
+tokens (chunked prompt prefill with mage; `prefill_s` records it), then times two generations of the same
+prompts from the warm radix cache: 1 block and 1 + N blocks. Their difference / N is the time per block
+(per-request overhead cancels). Backends: mage (mean selector, sparse steps replayed from
 the dLLM CUDA graph), mage_quest (eager: quest plans page bounds per forward), flashinfer (with its CUDA
 graph), triton (eager). `roofline_bound` is benchmarks/roofline.py's bound on mage's gain for that row's
-shape and size; `speedup_vs_flashinfer` and `fraction_of_bound` are the figures issue 6 states targets in.
+shape and size (memory only), `compute_aware_bound` the same with FLOPs counted (roofline.py's docstring);
+`speedup_vs_flashinfer` and `fraction_of_bound` are the figures issue 6 states targets in.
 Every shape runs as an SDARForCausalLM body by default (`--model-class`, see MODEL_CLASSES for why).
 
 Writes benchmarks/results/e2e.json after every point (rows {shape, context, batch, backend, block_ms,
@@ -28,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from results_io import write_json  # noqa: E402
-from roofline import SHAPES, roofline_bound  # noqa: E402
+from roofline import SHAPES, compute_aware_bound, roofline_bound  # noqa: E402
 
 # Hugging Face configs at each shape (Qwen2.5 bodies for Fast-dLLM v2, Qwen3 for SDAR); weights are dummy.
 # Layer and head counts come from roofline.SHAPES, so the bound and the engine describe the same model.
@@ -111,7 +112,8 @@ def start_engine(shape: str, backend: str, points, root: str, model_class: str =
     )
 
 
-def time_per_block(engine, shape: str, context: int, batch: int, blocks: int) -> float:
+def time_per_block(engine, shape: str, context: int, batch: int, blocks: int) -> tuple[float, float]:
+    """(seconds per generated block, seconds of the cold first call beyond a warm one: ~the prefill)."""
     import random
 
     rng = random.Random(context + batch)
@@ -123,12 +125,14 @@ def time_per_block(engine, shape: str, context: int, batch: int, blocks: int) ->
         engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_blocks * block, "ignore_eos": True})
         return time.perf_counter() - t0
 
-    # No separate warm-up pass at this size (warm_up ran at engine start): a 128K prompt costs thousands of
-    # forwards on backends without chunked prefill. The second call finds the prompt in the radix cache;
-    # if it did not, both calls would pay the same prefill, which the difference still cancels.
+    # The first call prefills the prompts (thousands of forwards at 128K: one block per forward without
+    # chunked prefill) and leaves them in the radix cache; the two timed calls then both start from that
+    # warm cache, so their difference holds N blocks and nothing else. Timing the cold call as the 1-block
+    # one would subtract the whole prefill from N blocks.
+    cold = run(1)
     one = run(1)
     many = run(1 + blocks)
-    return (many - one) / blocks
+    return (many - one) / blocks, cold - one
 
 
 def warm_up(engine, shape: str) -> None:
@@ -168,6 +172,7 @@ def main(argv=None) -> int:
     import sglang
     from tqdm import tqdm
 
+    device_key = "h200" if "H200" in torch.cuda.get_device_name() else "h100"
     runs = plan_runs(args.shapes, args.contexts, args.batch16_contexts, args.backends)
     result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "sglang": sglang.__version__},
@@ -187,17 +192,19 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - an engine that cannot start is rows with an error, not a crash
             error = f"engine start: {type(e).__name__}: {e}"[:400]
         for context, batch in points:
-            block_ms = tps = None
+            block_ms = tps = prefill_s = None
             if engine is not None:
                 try:
-                    secs = time_per_block(engine, shape, context, batch, args.blocks)
+                    secs, prefill = time_per_block(engine, shape, context, batch, args.blocks)
                     block_ms, tps = round(secs * 1e3, 2), round(batch * BLOCK[shape] / secs, 1)
+                    prefill_s = round(prefill, 2)
                     error = None
                 except Exception as e:  # noqa: BLE001
                     error = f"{type(e).__name__}: {e}"[:400]
             rows.append({"shape": shape, "context": context, "batch": batch, "backend": backend,
-                         "block_ms": block_ms, "tokens_per_s": tps,
+                         "block_ms": block_ms, "tokens_per_s": tps, "prefill_s": prefill_s,
                          "roofline_bound": round(roofline_bound(SHAPES[shape], batch, context), 2),
+                         "compute_aware_bound": round(compute_aware_bound(SHAPES[shape], device_key, batch, context), 2),
                          **({"error": error} if error else {})})
             add_ratios(rows)
             bar.update()

@@ -14,7 +14,9 @@ views it) with shuffled slots, every request at `context` prefix tokens plus one
 `us` is eager (do_bench around the Python call: host launch gaps included, which dominate small steps);
 `us_graph` the same call replayed from a CUDA graph, as the engine's captured steps run (dense and sparse).
 Writes benchmarks/results/kernels.json (rows {context, k, B, batch, q_heads, kv_heads, head_dim, method, us,
-gbps}) and prints a table. GPU only.
+gbps}) and prints a table. `--split-sweep N...` also times mage_sparse from a CUDA graph at each given
+key-split count (the JSON's `split_sweep` list, rows carry `num_splits`; `num_splits` on the mage_sparse row
+is the default the engine uses): the data for choosing default_num_splits(). GPU only.
 
 Usage: python benchmarks/bench_kernels.py [--quick] [--out PATH]
 """
@@ -89,7 +91,7 @@ def bench_graph(fn) -> float | None:
         return None
 
 
-def measure(shape, context, B, batch, ks, with_reference):
+def measure(shape, context, B, batch, ks, with_reference, split_sweep=()):
     from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.selection import block_mean_scores, select_topk
     from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
@@ -101,7 +103,7 @@ def measure(shape, context, B, batch, ks, with_reference):
     hkv, d, g = shape.kv_heads, shape.head_dim, shape.q_heads // shape.kv_heads
     dense = Dense(p, shape, B, context)
     kv_bytes_tok = hkv * d * 2 * 2
-    rows = []
+    rows, sweep = [], []
 
     def row(method, k, us, bytes_read, us_graph=None, **extra):
         rows.append({"context": context, "k": k, "B": B, "batch": batch, "q_heads": shape.q_heads,
@@ -143,7 +145,14 @@ def measure(shape, context, B, batch, ks, with_reference):
         def sparse_step():
             sparse_block_attention(*sparse_args, out=out, workspace=ws)
 
-        row("mage_sparse", k, bench(sparse_step), sparse_bytes, bench_graph(sparse_step))
+        row("mage_sparse", k, bench(sparse_step), sparse_bytes, bench_graph(sparse_step), num_splits=splits)
+        for n in split_sweep:
+            ws_n = alloc_workspace(batch, hkv, B, g, d, n, "cuda") if n > 1 else None
+            us = bench_graph(lambda: sparse_block_attention(*sparse_args, out=out, num_splits=n, workspace=ws_n))
+            sweep.append({"context": context, "k": k, "B": B, "batch": batch, "q_heads": shape.q_heads,
+                          "kv_heads": hkv, "head_dim": d, "num_splits": n, "default_splits": splits,
+                          "us_graph": None if us is None else round(us, 2),
+                          "gbps_graph": None if not us else round(sparse_bytes / (us * 1e-6) / 1e9, 1)})
         kmin, kmax = page_bounds(p["k"], p["req_to_token"], p["rows"], p["prefix"], QUEST_PAGE, context)
 
         def quest_step():
@@ -158,16 +167,18 @@ def measure(shape, context, B, batch, ks, with_reference):
             row("reference", k, bench(lambda: sparse_block_attention_ref(*sparse_args)), sparse_bytes)
     del p, dense
     torch.cuda.empty_cache()
-    return rows
+    return rows, sweep
 
 
-def write_results(path: str, rows: list, flashinfer_version: str, triton_version: str) -> None:
+def write_results(path: str, rows: list, flashinfer_version: str, triton_version: str, sweep=()) -> None:
     result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "flashinfer": flashinfer_version, "triton": triton_version},
               "config": {"sink": SINK, "local": LOCAL, "quest_page": QUEST_PAGE, "dtype": "bfloat16",
                          "timer": "triton.testing.do_bench (warmup 25 ms, rep 100 ms), per layer; us_graph: "
                                   "do_bench_cudagraph"},
               "rows": rows}
+    if sweep:
+        result["split_sweep"] = list(sweep)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
@@ -181,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", nargs="+", type=int, default=[4, 32])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--split-sweep", nargs="+", type=int, default=[], metavar="N",
+                    help="also time mage_sparse (graph) at these key-split counts")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -189,16 +202,20 @@ def main(argv=None) -> int:
     import flashinfer
     import triton
 
-    rows = []
+    rows, sweep = [], []
     grid = list(itertools.product(args.shapes, args.contexts, args.blocks, args.batches))
     for i, (name, context, B, batch) in enumerate(grid):
-        got = measure(SHAPES[name], context, B, batch, args.ks, not args.no_reference)
+        got, got_sweep = measure(SHAPES[name], context, B, batch, args.ks, not args.no_reference, args.split_sweep)
         rows += got
+        sweep += got_sweep
+        for r in got_sweep:
+            print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={r['k']:>5} "
+                  f"splits={r['num_splits']:>2} (default {r['default_splits']}): graph {r['us_graph']} us", flush=True)
         for r in got:
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={str(r['k']):>5} "
                   f"{r['method']:>16}: {r['us']:9.1f} us {r['gbps']:8.1f} GB/s graph {r.get('us_graph')} us",
                   flush=True)
-        write_results(args.out, rows, flashinfer.__version__, triton.__version__)  # a cut-off run keeps its rows
+        write_results(args.out, rows, flashinfer.__version__, triton.__version__, sweep)  # a cut-off run keeps its rows
     return 0
 
 

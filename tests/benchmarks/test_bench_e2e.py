@@ -93,3 +93,27 @@ def test_sdar_body_resolves_to_block_32_through_the_adapter_registry(tmp_path):
     cfg = bench_e2e.model_config("fast-dllm-v2-1.5b", "sdar")
     spec = find_adapter(cfg["architectures"][0])
     assert resolve_block_params(spec, types.SimpleNamespace(**cfg), {})[0] == 32
+
+
+class _RadixCachedEngine:
+    """generate() costs prefill on a prompt's first sight (then it is cached) plus a fixed time per block;
+    the clock is simulated through time.perf_counter."""
+
+    def __init__(self, clock, prefill_s, block_s, block):
+        self.clock, self.prefill_s, self.block_s, self.block, self.seen = clock, prefill_s, block_s, block, set()
+
+    def generate(self, input_ids, sampling_params):
+        key = tuple(map(tuple, input_ids))
+        if key not in self.seen:
+            self.seen.add(key)
+            self.clock[0] += self.prefill_s
+        self.clock[0] += 0.3 + self.block_s * (sampling_params["max_new_tokens"] // self.block)  # + request overhead
+
+
+def test_time_per_block_times_only_warm_calls_so_the_prefill_does_not_leak_into_it(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(bench_e2e.time, "perf_counter", lambda: clock[0])
+    engine = _RadixCachedEngine(clock, prefill_s=90.0, block_s=0.05, block=32)
+    per_block, prefill = bench_e2e.time_per_block(engine, "fast-dllm-v2-1.5b", 256, 2, blocks=4)
+    assert per_block == pytest.approx(0.05)
+    assert prefill == pytest.approx(90.0)
