@@ -12,16 +12,19 @@ if [ -d .whl-extra ] && [ ! -d /tmp/site/jsonschema ]; then
 fi
 pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site --upgrade . >/dev/null 2>&1 \
   || { echo "project install failed"; return 1 2>/dev/null || exit 1; }
-cache_tar=$(ls .cache/fi.txz .cache/fi.tgz 2>/dev/null | head -1)  # xz: a third of gzip's size, under the carry limit
-if [ -n "$cache_tar" ] && [ ! -f ~/.cache/flashinfer/.restored ]; then
-  python -c 'import os, sys, tarfile; tarfile.open(sys.argv[1]).extractall(os.path.expanduser("~"))' "$cache_tar"
+# xz: a third of gzip's size, under the carry limit. .cache64/ holds extra modules (tools/warm_flashinfer.py).
+if [ ! -f ~/.cache/flashinfer/.restored ]; then
+  for cache_tar in .cache/fi.txz .cache/fi.tgz .cache64/*.txz; do
+    [ -f "$cache_tar" ] && python -c 'import os, sys, tarfile; tarfile.open(sys.argv[1]).extractall(os.path.expanduser("~"))' "$cache_tar"
+  done
   # FlashInfer re-runs ninja on every first use, and ninja rebuilt the restored kernels anyway (~2-3 min).
   # A module whose .so sits in FlashInfer's AOT directory is loaded without ninja: put the cached ones there.
   aot=$(python -c 'import flashinfer.jit.env as e; print(e.FLASHINFER_AOT_DIR)' 2>/dev/null)
   for so in ~/.cache/flashinfer/*/*/cached_ops/*/*.so; do
+    [ -f "$so" ] || continue
     name=$(basename "$(dirname "$so")")
     [ "$(basename "$so")" = "$name.so" ] && mkdir -p "$aot/$name" && cp "$so" "$aot/$name/"
   done
-  touch ~/.cache/flashinfer/.restored
+  mkdir -p ~/.cache/flashinfer && touch ~/.cache/flashinfer/.restored
 fi
 echo "gpu_prep: $(python -c 'import torch;print(torch.cuda.get_device_name())') ready"

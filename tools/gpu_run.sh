@@ -18,6 +18,8 @@
 #   adapters-bg   adapters_check.py (ADAPTERS_ARGS) in the background; wait-adapters waits for it
 #   examples      examples/serve_tiny.sh (shipped checkpoint), --clients (server + frontend + OpenAI), offline_batch.py
 #   serve-ckpt    examples/serve_tiny.sh alone (SERVE_TIMEOUT), its server log kept
+#   warm-fi-bg    tools/warm_flashinfer.py (WARM_HEAD_DIMS, default 64) in the background: FlashInfer's JIT build
+#   cache64       wait for it, pack its .so files into $OUT/fi64.txz (carry as .cache64/)
 #   probe-bg      training/retrieval_probe.py grid (PROBE_GRID, PROBE_MINUTES) in the background; wait-probe
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -102,8 +104,17 @@ for job in "$@"; do
         wait $ref_pid; echo "reference eval rc=$?"; grep -v "Ignore import" "$R/eval.log" | tail -16
         tail -14 "$R/eval_reference.log"
       fi ;;
+    warm-fi-bg)
+      python tools/warm_flashinfer.py ${WARM_HEAD_DIMS:-64} > "$R/warm_flashinfer.log" 2>&1 &
+      warm_pid=$! ;;
+    cache64)
+      wait "$warm_pid"; cat "$R/warm_flashinfer.log"
+      (cd ~ && ls .cache/flashinfer/*/*/cached_ops/*head_dim_qk_${WARM_HEAD_DIMS:-64}_*/*.so > /tmp/fi64.list \
+        && tar cJf "$OUT/fi64.txz" -T /tmp/fi64.list)
+      ls -la "$OUT/fi64.txz" ;;
     robust-bg)  # benchmarks/robustness.py (ROBUST_ARGS) in the background, next to the other jobs
-      python benchmarks/robustness.py --out "$R/robustness.json" ${ROBUST_ARGS:-} > "$R/robustness.log" 2>&1 &
+      python benchmarks/robustness.py --out "$R/robustness.json" --server-log "$R/robustness_server.log" \
+        ${ROBUST_ARGS:-} > "$R/robustness.log" 2>&1 &
       robust_pid=$! ;;
     wait-robust)
       wait "$robust_pid"; echo "robustness rc=$?"; tr '\r' '\n' < "$R/robustness.log" | grep -v "Ignore import" | tail -12 ;;

@@ -73,3 +73,46 @@ def test_phases_save_after_each_and_a_cut_run_keeps_what_finished(tmp_path, monk
         robustness.run_phases(FakeClient(), args, str(stats), saved.append)
     assert saved[-1]["phases_done"] == ["load", "abort", "determinism"] and not robustness.passed(saved[-1])
     assert robustness.passed(result) and not robustness.passed(dict(result, errors=1))
+
+
+class BatchVariantClient(FakeClient):
+    """Greedy output that depends on how many requests are in flight at once, as batch-variant kernels can
+    make it: one at a time it is a pure function of the prompt."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.lock, self.in_flight = threading.Lock(), 0
+
+    def generate(self, ids, max_new, rid=None):
+        import time
+
+        with self.lock:
+            self.in_flight += 1
+            crowd = self.in_flight
+        time.sleep(0.02)
+        with self.lock:
+            self.in_flight -= 1
+        first = sum(ids) % 97 + (crowd > 1) * 1000 * crowd
+        return {"output_ids": [first] + [7] * (max_new - 1)}
+
+
+def test_determinism_requires_identical_sequential_passes_and_reports_the_concurrent_ones():
+    res = robustness.determinism_check(BatchVariantClient(), 4, max_new=5)
+    assert res["sequential_identical"] is True and res["sequential"] == {"identical": 4, "of": 4, "first_mismatch": None}
+    # all four at once: the crowd changes the first token away from the sequential output
+    assert res["concurrent_vs_sequential"]["identical"] < 4
+    mismatch = res["concurrent_vs_sequential"]["first_mismatch"]
+    assert mismatch["first_diff_token"] == 0 and len(mismatch["a"]) == 5
+
+
+def test_a_sequential_difference_fails_determinism():
+    class Flaky(FakeClient):
+        def generate(self, ids, max_new, rid=None):
+            self.n += 1
+            return {"output_ids": [1, 2, 3 if self.n % 2 else 4][:max_new]}  # alternates call to call
+
+    res = robustness.determinism_check(Flaky(), 3, max_new=3)
+    assert res["sequential_identical"] is False
+    assert res["sequential"]["first_mismatch"]["first_diff_token"] == 2
