@@ -20,6 +20,7 @@
 #   serve-ckpt    examples/serve_tiny.sh alone (SERVE_TIMEOUT), its server log kept
 #   warm-fi-bg    tools/warm_flashinfer.py (WARM_HEAD_DIMS, default 64) in the background: FlashInfer's JIT build
 #   cache64       wait for it, pack its .so files into $OUT/fi64.txz (carry as .cache64/)
+#   tp2           benchmarks/tp2_check.py (TP2_ARGS) -> tp2.json (needs the nvidia-h200-x2 kind)
 #   probe-bg      training/retrieval_probe.py grid (PROBE_GRID, PROBE_MINUTES) in the background; wait-probe
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -128,6 +129,9 @@ for job in "$@"; do
     kernels)
       timeout "${KERNELS_TIMEOUT:-420}" python benchmarks/bench_kernels.py --out "$R/kernels.json" ${KERNEL_ARGS:-} \
         > "$R/kernels.log" 2>&1; tail -4 "$R/kernels.log" ;;
+    tp2)
+      NCCL_NVLS_ENABLE=0 timeout "${TP2_TIMEOUT:-480}" python benchmarks/tp2_check.py --out "$R/tp2.json" ${TP2_ARGS:-} \
+        > "$R/tp2.log" 2>&1; echo "tp2 rc=$?"; grep -v "Ignore import" "$R/tp2.log" | tail -10 ;;
     e2e)
       timeout "${E2E_TIMEOUT:-420}" python benchmarks/bench_e2e.py --out "$R/e2e.json" ${E2E_ARGS:-} \
         > "$R/e2e.log" 2>&1; tail -12 "$R/e2e.log" ;;
