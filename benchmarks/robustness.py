@@ -155,10 +155,14 @@ def determinism_check(client: Client, n: int, max_new: int = 33) -> dict:
             "concurrent": _agreement(*con), "concurrent_vs_sequential": _agreement(seq[0], con[0])}
 
 
-def soak(client: Client, seconds: float, concurrency: int, seed: int) -> tuple[int, int]:
-    """Mixed load for `seconds`; about one request in ten is aborted shortly after it starts."""
+def soak(client: Client, seconds: float, concurrency: int, seed: int, on_progress=None,
+         every: float = 15.0) -> tuple[int, int]:
+    """Mixed load for `seconds`; about one request in ten is aborted shortly after it starts.
+    `on_progress(seconds_done, requests, errors)` runs every `every` seconds, so a soak cut short still
+    leaves how far it got with how many errors."""
     rng = random.Random(seed)
-    deadline = time.time() + seconds
+    start = time.time()
+    deadline = start + seconds
     counts = {"requests": 0, "errors": 0}
     lock = threading.Lock()
 
@@ -182,8 +186,13 @@ def soak(client: Client, seconds: float, concurrency: int, seed: int) -> tuple[i
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    next_report = start + every
+    while any(t.is_alive() for t in threads):
+        time.sleep(0.1)
+        if on_progress is not None and time.time() >= next_report:
+            next_report += every
+            with lock:
+                on_progress(round(time.time() - start, 1), counts["requests"], counts["errors"])
     return counts["requests"], counts["errors"]
 
 
@@ -248,7 +257,11 @@ def run_phases(client, args, stats_path: str, save) -> dict:
     result["details"]["determinism"] = determinism_check(client, args.concurrency)
     result["deterministic"] = result["details"]["determinism"]["sequential_identical"]
     done("determinism")
-    soak_requests, soak_errors = soak(client, args.soak_seconds, args.concurrency, 5)
+    def soak_progress(seconds_done, requests, errors):
+        result["details"]["soak_progress"] = {"seconds": seconds_done, "requests": requests, "errors": errors}
+        save(result)
+
+    soak_requests, soak_errors = soak(client, args.soak_seconds, args.concurrency, 5, soak_progress)
     time.sleep(1.0)
     result["soak_errors"] = soak_errors
     result["details"].update(soak_requests=soak_requests, cache_slots_after_soak=occupancy(stats_path))
@@ -272,6 +285,10 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=30111)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "robustness.json"))
     ap.add_argument("--server-log", default=None, help="where the server's log goes (default: a temp dir)")
+    ap.add_argument("--server-url", default=None,
+                    help="use this running mage server instead of starting one (it must have been started "
+                         "with SGLANG_MAGE_STATS_PATH=--stats-path; --model-path still picks the prompt tokens)")
+    ap.add_argument("--stats-path", default=None, help="with --server-url: that server's stats file")
     ap.add_argument("server_args", nargs="*", help="extra launch_server flags (after --)")
     args = ap.parse_args(argv)
 
@@ -289,16 +306,23 @@ def main(argv=None) -> int:
     def save(result: dict) -> None:
         write_json(args.out, {**result, "config": config})
 
-    t0 = time.time()
-    server = start_server(args.model_path, args.port, stats_path, log_path,
-                          ["--max-running-requests", str(args.concurrency), *args.server_args])
-    config["server_startup_seconds"] = round(time.time() - t0, 1)
-    print(f"server healthy after {config['server_startup_seconds']} s", flush=True)
-    try:
-        result = run_phases(Client(f"http://127.0.0.1:{args.port}"), args, stats_path, save)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    if args.server_url:
+        if not args.stats_path:
+            ap.error("--server-url needs --stats-path (the file the server's SGLANG_MAGE_STATS_PATH names)")
+        config.update(server="attached", server_url=args.server_url, server_log=None)
+        save({"phases_done": []})
+        result = run_phases(Client(args.server_url.rstrip("/")), args, args.stats_path, save)
+    else:
+        t0 = time.time()
+        server = start_server(args.model_path, args.port, stats_path, log_path,
+                              ["--max-running-requests", str(args.concurrency), *args.server_args])
+        config["server_startup_seconds"] = round(time.time() - t0, 1)
+        print(f"server healthy after {config['server_startup_seconds']} s", flush=True)
+        try:
+            result = run_phases(Client(f"http://127.0.0.1:{args.port}"), args, stats_path, save)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1))
     return 0 if passed(result) else 1
 

@@ -5,7 +5,9 @@
 # Usage: bash examples/serve_tiny.sh [--text] [--clients] [extra launch_server flags, e.g. --mage-k 64]
 #   --text     use a dummy-weight tiny SDAR with a word-level tokenizer (examples/tiny_model.py) so text APIs work
 #   --clients  (implies --text) also run examples/frontend_program.py and examples/openai_completions.py
-# Environment: PORT (default 30000), SERVER_LOG (the server's log, default /tmp/mage-server.log)
+# Environment: PORT (default 30000), SERVER_LOG (the server's log, default /tmp/mage-server.log),
+#   HOLD_SERVER_UNTIL=PATH keeps the server up after the examples until PATH exists (tools/gpu_run.sh
+#   serve-robust points benchmarks/robustness.py at it)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 text=0 clients=0
@@ -81,3 +83,10 @@ if [ "$clients" = 1 ]; then
   python3 "$here/openai_completions.py" --url "http://127.0.0.1:$port/v1"
 fi
 grep -m1 "sglang-mage: k=" "$server_log" || true
+if [ -n "${HOLD_SERVER_UNTIL:-}" ]; then
+  echo "holding server on port $port until $HOLD_SERVER_UNTIL exists"
+  while [ ! -e "$HOLD_SERVER_UNTIL" ]; do
+    kill -0 $server 2>/dev/null || { echo "server exited while held"; tail -30 "$server_log"; exit 1; }
+    sleep 1
+  done
+fi

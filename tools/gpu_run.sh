@@ -20,6 +20,8 @@
 #   serve-ckpt    examples/serve_tiny.sh alone (SERVE_TIMEOUT), its server log kept
 #   warm-fi-bg    tools/warm_flashinfer.py (WARM_HEAD_DIMS, default 64) in the background: FlashInfer's JIT build
 #   cache64       wait for it, pack its .so files into $OUT/fi64.txz (carry as .cache64/)
+#   serve-robust  examples/serve_tiny.sh on the checkpoint (SERVE_ARGS), its server then held for
+#                 benchmarks/robustness.py --server-url (ROBUST_ARGS): the launch example and the load tests, one start
 #   tp2           benchmarks/tp2_check.py (TP2_ARGS) -> tp2.json (needs the nvidia-h200-x2 kind)
 #   probe-bg      training/retrieval_probe.py grid (PROBE_GRID, PROBE_MINUTES) in the background; wait-probe
 set -u
@@ -83,6 +85,23 @@ for job in "$@"; do
       timeout 200 python examples/offline_batch.py --model-path "$CKPT" --num-prompts 64 --prompt-len 1024 4096 \
         --mage-k 64 --mem-fraction-static 0.5 --max-total-tokens 131072 --json "$R/offline_batch.json" \
         > "$R/examples_offline.log" 2>&1; echo "offline_batch rc=$?"; tr '\r' '\n' < "$R/examples_offline.log" | tail -6 ;;
+    serve-robust)
+      stats=/tmp/serve-robust-stats.json hold=/tmp/serve-robust-done; rm -f "$hold" "$stats"
+      SGLANG_MAGE_STATS_PATH=$stats PORT=30231 SERVER_LOG="$R/serve_checkpoint_server.log" HOLD_SERVER_UNTIL=$hold \
+        bash examples/serve_tiny.sh ${SERVE_ARGS:-} > "$R/examples_serve_checkpoint.log" 2>&1 &
+      serve_pid=$!
+      for _ in $(seq "${SERVE_TIMEOUT:-300}"); do
+        grep -q "holding server" "$R/examples_serve_checkpoint.log" && break; kill -0 $serve_pid 2>/dev/null || break; sleep 1
+      done
+      stamp "serve_tiny: $(grep -E 'generated|expected|holding' "$R/examples_serve_checkpoint.log" | tr '\n' ' ')"
+      if grep -q "holding server" "$R/examples_serve_checkpoint.log"; then
+        python benchmarks/robustness.py --server-url http://127.0.0.1:30231 --stats-path "$stats" \
+          --out "$R/robustness.json" ${ROBUST_ARGS:-} > "$R/robustness.log" 2>&1; echo "robustness rc=$?"
+        tr '\r' '\n' < "$R/robustness.log" | grep -v "Ignore import" | tail -12
+      else
+        tail -30 "$R/serve_checkpoint_server.log"
+      fi
+      touch "$hold"; wait $serve_pid; echo "serve_tiny rc=$?" ;;
     serve-ckpt)  # the README's launch example alone: serve_tiny.sh on the shipped checkpoint
       serve_checkpoint ;;
     probe-bg)

@@ -116,3 +116,18 @@ def test_a_sequential_difference_fails_determinism():
     res = robustness.determinism_check(Flaky(), 3, max_new=3)
     assert res["sequential_identical"] is False
     assert res["sequential"]["first_mismatch"]["first_diff_token"] == 2
+
+
+def test_soak_reports_progress_while_it_runs():
+    seen = []
+    requests, errors = robustness.soak(FakeClient(fail_every=9), 0.5, 2, seed=1,
+                                       on_progress=lambda *a: seen.append(a), every=0.1)
+    assert len(seen) >= 3 and all(s[0] > 0 for s in seen)
+    assert [s[1] for s in seen] == sorted(s[1] for s in seen) and seen[-1][1] <= requests
+
+
+def test_attached_mode_needs_the_servers_stats_path(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        robustness.main(["--server-url", "http://127.0.0.1:1", "--out", str(tmp_path / "r.json")])
