@@ -95,6 +95,13 @@ def test_only_mage_turns_chunking_on():
     assert cp.chunk_tokens(None, B) == 0
 
 
+def test_the_benchmark_switch_chunks_another_backend_too(monkeypatch):
+    monkeypatch.setenv(cp.BENCH_ANY_BACKEND_ENV, "1")
+    assert cp.chunk_tokens(server_args(backend="flashinfer"), B) == 8192
+    monkeypatch.setenv(cp.BENCH_ANY_BACKEND_ENV, "0")
+    assert cp.chunk_tokens(server_args(backend="flashinfer"), B) == 0
+
+
 # H2: positions ---------------------------------------------------------------------------------------------
 
 
