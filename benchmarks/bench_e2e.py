@@ -96,7 +96,7 @@ def plan_runs(shapes, contexts, batch16_contexts, backends) -> list[tuple[str, s
     return runs
 
 
-def start_engine(shape: str, backend: str, points, root: str, model_class: str = "sdar"):
+def start_engine(shape: str, backend: str, points, root: str, model_class: str = "sdar", **engine_kwargs):
     import sglang as sgl
     from sglang_mage.chunked_prefill import BENCH_ANY_BACKEND_ENV
 
@@ -113,7 +113,7 @@ def start_engine(shape: str, backend: str, points, root: str, model_class: str =
         model_path=write_model(root, shape, max_context, model_class), load_format="dummy", skip_tokenizer_init=True,
         dllm_algorithm="FixedSteps", dllm_algorithm_config=algo_cfg, max_running_requests=max(b for _, b in points),
         context_length=max_context + 4096, mem_fraction_static=0.85, random_seed=0, log_level="warning",
-        **BACKENDS[backend], **({"mage_k": 512} if backend.startswith("mage") else {}),
+        **BACKENDS[backend], **({"mage_k": 512} if backend.startswith("mage") else {}), **engine_kwargs,
     )
 
 

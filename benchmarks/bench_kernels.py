@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -33,6 +32,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from results_io import write_json  # noqa: E402
 from roofline import SHAPES  # noqa: E402
 
 SINK, LOCAL, QUEST_PAGE = 16, 64, 16
@@ -179,9 +179,7 @@ def write_results(path: str, rows: list, flashinfer_version: str, triton_version
               "rows": rows}
     if sweep:
         result["split_sweep"] = list(sweep)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(path, result)
 
 
 def main(argv=None) -> int:

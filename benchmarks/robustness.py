@@ -1,6 +1,7 @@
 """Serving robustness of `--attention-backend mage` through SGLang's HTTP server (GPU).
 
-Starts `launch_server` (tiny dummy-weight SDAR unless --model-path) with $SGLANG_MAGE_STATS_PATH, then:
+Starts `launch_server` (tiny dummy-weight SDAR unless --model-path) with $SGLANG_MAGE_STATS_PATH, or uses
+a running one (--server-url, --stats-path: tools/gpu_run.sh serve-robust), then:
 1. load: --requests requests of mixed prompt lengths at --concurrency, counting errors; afterwards the
    index cache's occupancy (slots still holding MAGE indices) must be back to 0;
 2. abort: long requests aborted mid-generation through /abort_request free their cache entries;
@@ -257,6 +258,7 @@ def run_phases(client, args, stats_path: str, save) -> dict:
     result["details"]["determinism"] = determinism_check(client, args.concurrency)
     result["deterministic"] = result["details"]["determinism"]["sequential_identical"]
     done("determinism")
+
     def soak_progress(seconds_done, requests, errors):
         result["details"]["soak_progress"] = {"seconds": seconds_done, "requests": requests, "errors": errors}
         save(result)
@@ -291,6 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stats-path", default=None, help="with --server-url: that server's stats file")
     ap.add_argument("server_args", nargs="*", help="extra launch_server flags (after --)")
     args = ap.parse_args(argv)
+    if args.server_url and not args.stats_path:
+        ap.error("--server-url needs --stats-path (the file the server's SGLANG_MAGE_STATS_PATH names)")
 
     global PROMPT_TOKENS
     sys.path.insert(0, os.path.join(HERE, "..", "examples"))
@@ -307,10 +311,7 @@ def main(argv=None) -> int:
         write_json(args.out, {**result, "config": config})
 
     if args.server_url:
-        if not args.stats_path:
-            ap.error("--server-url needs --stats-path (the file the server's SGLANG_MAGE_STATS_PATH names)")
         config.update(server="attached", server_url=args.server_url, server_log=None)
-        save({"phases_done": []})
         result = run_phases(Client(args.server_url.rstrip("/")), args, args.stats_path, save)
     else:
         t0 = time.time()

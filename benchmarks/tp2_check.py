@@ -5,7 +5,7 @@ Checks, each in its own engine:
   each rank holds 2 KV heads and its own index cache);
 - k = 64 on two 4K prompts at tp_size=2: runs, the sparse kernel ran, and the index cache is empty after;
 - time per generated block at 32K, batch 1, for mage at tp_size=1 and tp_size=2 (the Fast-dLLM-v2-1.5B shape
-  as an SDAR body, 2 KV heads: one per rank; bench_e2e's timing).
+  as an SDAR body, 2 KV heads: one per rank; bench_e2e's engine and timing).
 Writes benchmarks/results/tp2.json. Needs 2 GPUs (the device's nvidia-h200-x2 kind).
 
 Usage: NCCL_NVLS_ENABLE=0 python benchmarks/tp2_check.py [--out PATH] [--skip-timing]
@@ -45,18 +45,9 @@ def failures_of(cases: list[dict]) -> list[str]:
 
 
 def timing_case(tp: int, root: str, blocks: int = 4) -> dict:
-    import sglang as sgl
-    from bench_e2e import BLOCK, time_per_block, warm_up, write_model
+    from bench_e2e import BLOCK, start_engine, time_per_block, warm_up
 
-    algo_cfg = os.path.join(root, "fixed_steps_8.yaml")
-    with open(algo_cfg, "w") as f:
-        f.write("steps: 8\n")
-    engine = sgl.Engine(
-        model_path=write_model(root, TIMING_SHAPE, TIMING_CONTEXT), load_format="dummy", skip_tokenizer_init=True,
-        dllm_algorithm="FixedSteps", dllm_algorithm_config=algo_cfg, max_running_requests=1, tp_size=tp,
-        context_length=TIMING_CONTEXT + 4096, mem_fraction_static=0.8, random_seed=0, log_level="warning",
-        attention_backend="mage", mage_k=512,
-    )
+    engine = start_engine(TIMING_SHAPE, "mage", [(TIMING_CONTEXT, 1)], root, tp_size=tp)
     try:
         warm_up(engine, TIMING_SHAPE)
         secs, prefill = time_per_block(engine, TIMING_SHAPE, TIMING_CONTEXT, 1, blocks)
