@@ -19,7 +19,8 @@
 #   examples      examples/serve_tiny.sh (shipped checkpoint), --clients (server + frontend + OpenAI), offline_batch.py
 #   serve-ckpt    examples/serve_tiny.sh alone (SERVE_TIMEOUT), its server log kept
 #   warm-fi-bg    tools/warm_flashinfer.py (WARM_HEAD_DIMS, default 64) in the background: FlashInfer's JIT build
-#   cache64       wait for it, pack its .so files into $OUT/fi64.txz (carry as .cache64/)
+#   cache64       wait for it, then pack_fi for WARM_HEAD_DIMS: $OUT/fi<d>.txz (carry fi64 in .cache64/)
+#   pack-fi       pack_fi for PACK_HEAD_DIMS (default 64 128): what this call's jobs compiled
 #   serve-robust  examples/serve_tiny.sh on the checkpoint (SERVE_ARGS), its server then held for
 #                 benchmarks/robustness.py --server-url (ROBUST_ARGS): the launch example and the load tests, one start
 #   tp2           benchmarks/tp2_check.py (TP2_ARGS) -> tp2.json (needs the nvidia-h200-x2 kind)
@@ -38,6 +39,15 @@ serve_checkpoint() {
     --mem-fraction-static 0.3 --max-total-tokens 65536 > "$R/examples_serve_checkpoint.log" 2>&1
   echo "serve_tiny (checkpoint) rc=$?"; tail -4 "$R/examples_serve_checkpoint.log"
   [ -s "$R/examples_serve_checkpoint.log" ] || tail -20 "$R/serve_checkpoint_server.log"
+}
+# Every compiled FlashInfer module + Triton's cache, one archive per head dim ($OUT/fi<d>.txz): modules named
+# by another head dim are left out, so each stays small enough to carry (fi128 as .cache/fi.txz, fi64 in .cache64/).
+pack_fi() {
+  for d in "$@"; do
+    (cd ~ && { ls .cache/flashinfer/*/*/cached_ops/*/*.so | awk -v d="head_dim_qk_${d}_" '!/head_dim_qk_/ || index($0, d)'; \
+      find .triton/cache -type f 2>/dev/null; } > /tmp/fi$d.list && tar cJf "$OUT/fi$d.txz" -T /tmp/fi$d.list)
+  done
+  ls -la "$OUT"/fi*.txz
 }
 source tools/gpu_prep.sh > "$R/prep.log" 2>&1 || { cat "$R/prep.log"; exit 1; }
 python - > "$R/environment.txt" 2>&1 <<'PY'
@@ -125,13 +135,13 @@ for job in "$@"; do
         tail -14 "$R/eval_reference.log"
       fi ;;
     warm-fi-bg)
-      python tools/warm_flashinfer.py ${WARM_HEAD_DIMS:-64} > "$R/warm_flashinfer.log" 2>&1 &
+      # niced: the build (ninja, all cores) must not starve a training's data workers running meanwhile
+      nice -n 19 python tools/warm_flashinfer.py ${WARM_HEAD_DIMS:-64} > "$R/warm_flashinfer.log" 2>&1 &
       warm_pid=$! ;;
     cache64)
-      wait "$warm_pid"; cat "$R/warm_flashinfer.log"
-      (cd ~ && ls .cache/flashinfer/*/*/cached_ops/*head_dim_qk_${WARM_HEAD_DIMS:-64}_*/*.so > /tmp/fi64.list \
-        && tar cJf "$OUT/fi64.txz" -T /tmp/fi64.list)
-      ls -la "$OUT/fi64.txz" ;;
+      wait "$warm_pid"; cat "$R/warm_flashinfer.log"; pack_fi ${WARM_HEAD_DIMS:-64} ;;
+    pack-fi)
+      pack_fi ${PACK_HEAD_DIMS:-64 128} ;;
     robust-bg)  # benchmarks/robustness.py (ROBUST_ARGS) in the background, next to the other jobs
       python benchmarks/robustness.py --out "$R/robustness.json" --server-log "$R/robustness_server.log" \
         ${ROBUST_ARGS:-} > "$R/robustness.log" 2>&1 &
@@ -151,9 +161,10 @@ for job in "$@"; do
     tp2)
       NCCL_NVLS_ENABLE=0 timeout "${TP2_TIMEOUT:-480}" python benchmarks/tp2_check.py --out "$R/tp2.json" ${TP2_ARGS:-} \
         > "$R/tp2.log" 2>&1; echo "tp2 rc=$?"; grep -v "Ignore import" "$R/tp2.log" | tail -10 ;;
-    e2e)
-      timeout "${E2E_TIMEOUT:-420}" python benchmarks/bench_e2e.py --out "$R/e2e.json" ${E2E_ARGS:-} \
-        > "$R/e2e.log" 2>&1; tail -12 "$R/e2e.log" ;;
+    e2e|e2e2)  # two grids in one call: E2E_ARGS -> e2e.json, E2E2_ARGS -> e2e2.json
+      args=${E2E_ARGS:-}; [ "$job" = e2e2 ] && args=${E2E2_ARGS:-}
+      timeout "${E2E_TIMEOUT:-420}" python benchmarks/bench_e2e.py --out "$R/$job.json" $args \
+        > "$R/$job.log" 2>&1; tail -12 "$R/$job.log" ;;
     wait-train)
       [ -n "$train_pid" ] && wait "$train_pid"; tail -3 "$R/train.log"; grep EVAL "$R/train.log" | tail -2
       if [ -f "$CKPT/model.safetensors" ] && [ -n "${EVAL_ARGS:-}" ]; then
