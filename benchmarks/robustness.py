@@ -42,11 +42,13 @@ def post(url: str, body: dict, timeout: float = 600) -> dict:
         return json.loads(r.read() or b"{}")
 
 
-PROMPT_TOKENS = (100, 150000)  # main() narrows it to a checkpoint's own vocabulary
+# Token ids prompts draw from when no checkpoint says otherwise (a Qwen-sized vocabulary); main() passes
+# a checkpoint's own range (examples/tiny_model.prompt_token_range) to every phase as `tokens`.
+DEFAULT_PROMPT_TOKENS = (100, 150000)
 
 
-def prompt(rng: random.Random, lo: int, hi: int) -> list[int]:
-    return [rng.randrange(*PROMPT_TOKENS) for _ in range(rng.randint(lo, hi))]
+def prompt(rng: random.Random, lo: int, hi: int, tokens: tuple[int, int] = DEFAULT_PROMPT_TOKENS) -> list[int]:
+    return [rng.randrange(*tokens) for _ in range(rng.randint(lo, hi))]
 
 
 class Client:
@@ -63,10 +65,11 @@ class Client:
         post(f"{self.base}/abort_request", {"rid": rid}, timeout=30)
 
 
-def run_load(client: Client, n: int, concurrency: int, lens: tuple[int, int], seed: int, progress=None):
+def run_load(client: Client, n: int, concurrency: int, lens: tuple[int, int], seed: int, progress=None,
+             tokens: tuple[int, int] = DEFAULT_PROMPT_TOKENS):
     """n requests at the given concurrency; returns (errors, messages)."""
     rng = random.Random(seed)
-    jobs = [(prompt(rng, *lens), rng.choice([4, 16, 33])) for _ in range(n)]
+    jobs = [(prompt(rng, *lens, tokens), rng.choice([4, 16, 33])) for _ in range(n)]
     errors, messages = 0, []
 
     def one(job):
@@ -94,7 +97,8 @@ def occupancy(stats_path: str) -> int | None:
         return None
 
 
-def abort_check(client: Client, stats_path: str, n: int = 4, delay: float = 1.5) -> dict:
+def abort_check(client: Client, stats_path: str, n: int = 4, delay: float = 1.5,
+                tokens: tuple[int, int] = DEFAULT_PROMPT_TOKENS) -> dict:
     """Start n long generations, abort each mid-way; the cache must hold no entry afterwards."""
     rng = random.Random(7)
     rids = [f"abort-{uuid.uuid4().hex}" for _ in range(n)]
@@ -102,7 +106,7 @@ def abort_check(client: Client, stats_path: str, n: int = 4, delay: float = 1.5)
 
     def long_request(rid):
         try:
-            results[rid] = client.generate(prompt(rng, 3000, 4000), 2048, rid=rid)
+            results[rid] = client.generate(prompt(rng, 3000, 4000, tokens), 2048, rid=rid)
         except Exception as e:  # noqa: BLE001
             results[rid] = repr(e)
 
@@ -132,7 +136,8 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     return {"identical": sum(same), "of": len(same), "first_mismatch": detail}
 
 
-def determinism_check(client: Client, n: int, max_new: int = 33) -> dict:
+def determinism_check(client: Client, n: int, max_new: int = 33,
+                      tokens: tuple[int, int] = DEFAULT_PROMPT_TOKENS) -> dict:
     """The same n prompts, greedy, twice one at a time, then twice n at once.
 
     One at a time, both passes run the same batch (one request, its prompt from the radix cache the second
@@ -143,7 +148,7 @@ def determinism_check(client: Client, n: int, max_new: int = 33) -> dict:
     not required: `concurrent` and `concurrent_vs_sequential` count the prompts whose outputs match.
     """
     rng = random.Random(3)
-    prompts = [prompt(rng, 100, 2000) for _ in range(n)]
+    prompts = [prompt(rng, 100, 2000, tokens) for _ in range(n)]
 
     def gen(p):
         return client.generate(p, max_new)["output_ids"]
@@ -157,7 +162,7 @@ def determinism_check(client: Client, n: int, max_new: int = 33) -> dict:
 
 
 def soak(client: Client, seconds: float, concurrency: int, seed: int, on_progress=None,
-         every: float = 15.0) -> tuple[int, int]:
+         every: float = 15.0, tokens: tuple[int, int] = DEFAULT_PROMPT_TOKENS) -> tuple[int, int]:
     """Mixed load for `seconds`; about one request in ten is aborted shortly after it starts.
     `on_progress(seconds_done, requests, errors)` runs every `every` seconds, so a soak cut short still
     leaves how far it got with how many errors."""
@@ -170,7 +175,7 @@ def soak(client: Client, seconds: float, concurrency: int, seed: int, on_progres
     def worker(wid: int):
         wrng = random.Random(seed * 100 + wid)
         while time.time() < deadline:
-            ids, rid = prompt(wrng, 16, 6000), f"soak-{uuid.uuid4().hex}"
+            ids, rid = prompt(wrng, 16, 6000, tokens), f"soak-{uuid.uuid4().hex}"
             abort = wrng.random() < 0.1
             if abort:
                 threading.Timer(0.3, lambda: _quiet(client.abort, rid)).start()
@@ -244,18 +249,19 @@ def run_phases(client, args, stats_path: str, save) -> dict:
         result["phases_done"].append(phase)
         save(result)
 
+    tokens = tuple(args.prompt_tokens)
     t0 = time.time()
     with tqdm(total=args.requests, desc="load", unit="req") as bar:
-        errors, messages = run_load(client, args.requests, args.concurrency, tuple(args.prompt_len), 1, bar)
+        errors, messages = run_load(client, args.requests, args.concurrency, tuple(args.prompt_len), 1, bar, tokens)
     time.sleep(1.0)
     result.update(errors=errors, cache_slots_after=occupancy(stats_path))
     result["details"].update(error_messages=messages, load_seconds=round(time.time() - t0, 1))
     done("load")
-    aborts = abort_check(client, stats_path)
+    aborts = abort_check(client, stats_path, tokens=tokens)
     result["abort_freed"] = aborts["abort_freed"]
     result["details"]["abort"] = aborts
     done("abort")
-    result["details"]["determinism"] = determinism_check(client, args.concurrency)
+    result["details"]["determinism"] = determinism_check(client, args.concurrency, tokens=tokens)
     result["deterministic"] = result["details"]["determinism"]["sequential_identical"]
     done("determinism")
 
@@ -263,7 +269,7 @@ def run_phases(client, args, stats_path: str, save) -> dict:
         result["details"]["soak_progress"] = {"seconds": seconds_done, "requests": requests, "errors": errors}
         save(result)
 
-    soak_requests, soak_errors = soak(client, args.soak_seconds, args.concurrency, 5, soak_progress)
+    soak_requests, soak_errors = soak(client, args.soak_seconds, args.concurrency, 5, soak_progress, tokens=tokens)
     time.sleep(1.0)
     result["soak_errors"] = soak_errors
     result["details"].update(soak_requests=soak_requests, cache_slots_after_soak=occupancy(stats_path))
@@ -296,11 +302,10 @@ def main(argv=None) -> int:
     if args.server_url and not args.stats_path:
         ap.error("--server-url needs --stats-path (the file the server's SGLANG_MAGE_STATS_PATH names)")
 
-    global PROMPT_TOKENS
     sys.path.insert(0, os.path.join(HERE, "..", "examples"))
     from tiny_model import prompt_token_range
 
-    PROMPT_TOKENS = prompt_token_range(args.model_path)
+    args.prompt_tokens = prompt_token_range(args.model_path)
     tmp = tempfile.mkdtemp(prefix="mage-robust-")
     stats_path = os.path.join(tmp, "stats.json")
     log_path = args.server_log or os.path.join(tmp, "server.log")

@@ -38,7 +38,7 @@ def pick_task(rng: random.Random, tasks, weights=None) -> str:
 
 def padded_batch(rng: random.Random, batch: int, context_len: int, block: int, tasks=TASKS):
     """[N, L] prompts (left-padded with filler after BOS to a common multiple of the block) and [N, 4] answers."""
-    samples = [make_sample(rng.choice(tasks), context_len, rng) for _ in range(batch)]
+    samples = [make_sample(pick_task(rng, tasks), context_len, rng) for _ in range(batch)]
     length = max(len(s.prompt) for s in samples)
     length = -(-length // block) * block
     prompts = [[s.prompt[0], *(rng.choice(FILLER) for _ in range(length - len(s.prompt))), *s.prompt[1:]]

@@ -11,10 +11,11 @@ import robustness  # noqa: E402
 
 class FakeClient:
     def __init__(self, fail_every=0):
-        self.n, self.fail_every, self.aborted = 0, fail_every, []
+        self.n, self.fail_every, self.aborted, self.token_ids = 0, fail_every, [], set()
 
     def generate(self, ids, max_new, rid=None):
         self.n += 1
+        self.token_ids.update(ids)
         if self.fail_every and self.n % self.fail_every == 0:
             raise ConnectionError("boom")
         return {"output_ids": [1] * max_new, "meta_info": {"finish_reason": {"type": "length"}}}
@@ -56,9 +57,12 @@ def test_phases_save_after_each_and_a_cut_run_keeps_what_finished(tmp_path, monk
 
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"occupancy": 0}))
-    args = argparse.Namespace(requests=12, concurrency=3, prompt_len=[3, 9], soak_seconds=0.2)
+    args = argparse.Namespace(requests=12, concurrency=3, prompt_len=[3, 9], soak_seconds=0.2, prompt_tokens=(10, 20))
     saved = []
-    result = robustness.run_phases(FakeClient(), args, str(stats), lambda r: saved.append(json.loads(json.dumps(r))))
+    client = FakeClient()
+    result = robustness.run_phases(client, args, str(stats), lambda r: saved.append(json.loads(json.dumps(r))))
+    # every phase's prompts come from the model's own token range, not the Qwen-sized default
+    assert client.token_ids and min(client.token_ids) >= 10 and max(client.token_ids) < 20
     assert [s["phases_done"] for s in saved] == [["load"], ["load", "abort"], ["load", "abort", "determinism"],
                                                 ["load", "abort", "determinism", "soak"]]
     assert saved[0]["errors"] == 0 and saved[0]["soak_errors"] is None
