@@ -70,8 +70,8 @@ def _values(rng: random.Random, keys, slots=range(ANSWER_LEN)) -> list[tuple[int
     out = []
     for key in keys:
         pools = [group_alphabet(j, key_group(key)) for j in slots]
-        code = tuple(rng.choice(p) for p in pools)
-        while code in seen:
+        code = None
+        while code is None or code in seen:
             code = tuple(rng.choice(p) for p in pools)
         seen.add(code)
         out.append(code)
@@ -176,7 +176,8 @@ def variables_named(rng: random.Random, context_len: int) -> Sample:
 
 
 GENERATORS = {"needle": needle, "recall": recall, "variables": variables, "variables_named": variables_named}
-# TASKS: the shipped checkpoint's training and evaluation mix; ALL_TASKS: every generator.
+# TASKS: the default mix, the shipped checkpoint's first (pretraining) stage. Its fine-tune swapped variables for
+# variables_named; eval_accuracy.py reads a checkpoint's own mix from its training_args.json. ALL_TASKS: every generator.
 ALL_TASKS = tuple(GENERATORS)
 
 

@@ -16,11 +16,11 @@ import eval_accuracy as ea  # noqa: E402
 from training.tasks import ANSWER_LEN  # noqa: E402
 
 # The shipped checkpoint's bar on the CPU reference path (context 1024, 16 held-out samples). Chance is
-# |VALUES|^-4, so these only say that the model retrieves and that MAGE at k=128 keeps most of it.
-# Measured on the CPU reference at 1024 tokens, 32 samples: exact 0.75, mage k=128 0.75 (needle and recall
-# 1.0, variables ~0.2: see checkpoints/tiny-sdar-recall/README.md). The margins absorb 16-sample noise.
-SHIPPED_MIN_EXACT_ACCURACY = 0.6
-SHIPPED_MIN_MAGE_ACCURACY = 0.55
+# |VALUES|^-4, so these say that the model retrieves and that MAGE at k=128 keeps it. Measured on the CPU
+# reference at 1024 tokens, 32 samples (fine-tuned checkpoint, its own task mix): exact 0.97, mage k=128 0.97,
+# quest k=128 0.84. The margins absorb 16-sample noise (one sample is 6 points).
+SHIPPED_MIN_EXACT_ACCURACY = 0.85
+SHIPPED_MIN_MAGE_ACCURACY = 0.85
 SHIPPED_MIN_RETRIEVAL_ACCURACY = 0.9  # needle and recall, which the model solves
 SHIPPED_CONTEXT = 1024
 

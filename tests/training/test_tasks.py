@@ -89,8 +89,8 @@ def test_variables_named_answers_the_root_name_then_its_value(context_len):
 
 
 def test_the_shipped_mix_keeps_its_random_stream():
-    """TASKS (the shipped checkpoint's mix) draws what it drew before variables_named existed: same prompts
-    for the same seed, so held-out sets and CI thresholds stay comparable (pinned by a digest)."""
+    """TASKS (the default mix, the shipped checkpoint's first stage) draws what it drew before variables_named
+    existed: same prompts for the same seed, so held-out sets stay comparable (pinned by a digest)."""
     import hashlib
 
     from training.tasks import ALL_TASKS
