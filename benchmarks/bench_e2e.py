@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["fast-dllm-v2-1.5b", "fast-dllm-v2-7b"], choices=list(CONFIGS))
     ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 65536, 131072])
-    ap.add_argument("--batch16-contexts", nargs="+", type=int, default=[32768, 131072])
+    ap.add_argument("--batch16-contexts", nargs="*", type=int, default=[32768, 131072],
+                    help="batch-16 contexts (1.5B shape only); none: batch 1 only")
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     ap.add_argument("--blocks", type=int, default=4, help="extra blocks timed per measurement")
     ap.add_argument("--model-class", choices=MODEL_CLASSES, default="sdar",

@@ -132,8 +132,17 @@ def can_run_graph_around(original: Any, self: Any, forward_batch: Any) -> Any:
     backend plans and parks the decision (`MageCudaGraphMixin.mage_graph_gate`), and SGLang's own checks
     (batch size, hidden-state mode...) still apply. Other backends and forward modes are untouched. Remove
     when SGLang asks the attention backend whether a batch may replay."""
+    if not forward_batch.forward_mode.is_dllm_extend():
+        return original(self, forward_batch)
     gate = getattr(self.attn_backend, "mage_graph_gate", None)
-    if gate is None or not forward_batch.forward_mode.is_dllm_extend():
+    if gate is None:
+        # Another backend's prompts are chunked only under the benchmark switch (chunked_prefill.
+        # BENCH_ANY_BACKEND_ENV). SGLang checks the batch size alone, and a chunk (more than one block per
+        # request) would be copied into buffers captured at B tokens per request: run it eagerly.
+        block = getattr(self, "num_tokens_per_bs", None)
+        lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
+        if block and lens is not None and any(int(n) > block for n in lens):
+            return False
         return original(self, forward_batch)
     eligible = gate(forward_batch, token=getattr(self.model_runner, "forward_pass_id", None))
     # Planned either way: a batch SGLang then refuses runs eagerly on the parked decision.

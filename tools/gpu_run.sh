@@ -45,7 +45,7 @@ serve_checkpoint() {
 pack_fi() {
   for d in "$@"; do
     (cd ~ && { ls .cache/flashinfer/*/*/cached_ops/*/*.so | awk -v d="head_dim_qk_${d}_" '!/head_dim_qk_/ || index($0, d)'; \
-      find .triton/cache -type f 2>/dev/null; } > /tmp/fi$d.list && tar cJf "$OUT/fi$d.txz" -T /tmp/fi$d.list)
+      find .triton/cache -type f 2>/dev/null || true; } > /tmp/fi$d.list && tar cJf "$OUT/fi$d.txz" -T /tmp/fi$d.list)
   done
   ls -la "$OUT"/fi*.txz
 }
@@ -179,3 +179,6 @@ done
 [ -z "${NO_CACHE_OUT:-}" ] && tar czf "$OUT/cache.tgz" -C ~ .cache/flashinfer .triton/cache 2>/dev/null
 ls -la "$OUT"
 stamp "done"
+# At most 8 files come back from $OUT: once results.tgz holds everything, drop the loose copies so the
+# compile-cache archives are not among those left out (a call cut short keeps its loose files instead).
+if [ -f "$OUT/results.tgz" ]; then rm -rf "$R"; fi
