@@ -16,6 +16,8 @@ each budget k. Two engines give the same rows:
 Methods (same sinks / local window / k for all; step 0 of a block is exact for every sparse method):
   exact  : dense attention (reference: the model's own; sglang: attention_backend=flashinfer);
   mage   : the `mean` selector: top-k by step-0 block-mean attention probability, reused by later steps;
+  mage_fused : the `fused` selector: top-k by the step-0 block-mean query's logit per key (what the fused
+           first-step kernel writes, K read once), reused by later steps;
   quest  : page min/max key bounds scored with the block-mean query, re-selected every step;
   oracle : the `mean` top-k of every step's own exact attention.
 Row fields: accuracy = share of samples whose ANSWER_LEN generated tokens all equal the answer (exact
@@ -57,7 +59,8 @@ from training.sparse_reference import decode_with_method  # noqa: E402
 from training.tasks import ALL_TASKS, ANSWER_LEN, TASKS  # noqa: E402
 
 SHIPPED_CHECKPOINT = os.path.join(ROOT, "checkpoints", "tiny-sdar-recall")
-METHODS = ("exact", "mage", "quest", "oracle")
+METHODS = ("exact", "mage", "mage_fused", "quest", "oracle")
+SGLANG_SELECTORS = {"mage": "mean", "mage_fused": "fused", "quest": "quest", "oracle": "oracle"}
 DEFAULT_KS = (64, 128, 256, 512)
 RANDOM_NOTE = "checkpoint 'random': a randomly initialised model; accuracy is meaningless (pipeline check only)"
 ROW_FIELDS = ("context", "method", "k", "accuracy", "recall")
@@ -100,7 +103,7 @@ def row(context, method, k, correct, task_names, recall=None, engine="reference"
 def method_grid(methods, ks, baseline_ks=None):
     """(method, k) pairs: exact once; mage at every k; quest and oracle at `baseline_ks` (default: every k)."""
     def budgets(m):
-        return [None] if m == "exact" else (ks if m == "mage" or not baseline_ks else baseline_ks)
+        return [None] if m == "exact" else (ks if m.startswith("mage") or not baseline_ks else baseline_ks)
     return [(m, k) for m in methods for k in budgets(m)]
 
 
@@ -156,8 +159,7 @@ def sglang_engine_kwargs(method, k, args, context_length) -> dict:
         kw["dllm_algorithm_config"] = args.algorithm_config
     if method == "exact":
         return dict(kw, attention_backend="flashinfer")
-    selector = "mean" if method == "mage" else method
-    return dict(kw, attention_backend="mage", mage_selector=selector, mage_k=int(k), mage_min_context=0,
+    return dict(kw, attention_backend="mage", mage_selector=SGLANG_SELECTORS[method], mage_k=int(k), mage_min_context=0,
                 mage_sink_tokens=args.sink, mage_local_window=args.local, mage_quest_page_size=args.page_size)
 
 
@@ -261,7 +263,7 @@ def plot(result: dict, path: str) -> None:
     rows = result["rows"]
     contexts = sorted({r["context"] for r in rows})
     fig, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts), 3.8), squeeze=False)
-    colors = {"mage": "C0", "quest": "C1", "oracle": "C2"}
+    colors = {"mage": "C0", "mage_fused": "C3", "quest": "C1", "oracle": "C2"}
     for ax, ctx in zip(axes[0], contexts):
         for r in rows:
             if r["context"] == ctx and r["method"] == "exact":

@@ -8,6 +8,9 @@ selectors of the `mage` backend, with the same conventions:
   not depend on the block, as with SGLang's cached prefix KV).
 - A set is the sinks, the local window and the top-k other prefix positions by the method's score:
   * `mage`:   block-mean attention probability of step 0 (the `mean` selector), reused at every later step;
+  * `mage_fused`: the `fused` selector: the logit of step 0's block-mean query (mean over the block's rows
+              and the KV head's query heads) against every prefix key, as ops/first_step's fused pass
+              writes it; reused at every later step;
   * `quest`:  per-page (page_size positions) channel-wise min/max key bounds scored with the block-mean
               query, re-selected every step, through sglang_mage.ops.selection.quest's torch functions;
   * `oracle`: the `mean` top-k of each step's own exact attention (the per-step oracle).
@@ -33,7 +36,16 @@ import torch.nn.functional as F
 
 from .model import attention_override
 
-METHODS = ("mage", "quest", "oracle")
+METHODS = ("mage", "mage_fused", "quest", "oracle")
+
+
+def fused_scores(q_block, k_prefix_kv, group: int, scale: float) -> torch.Tensor:
+    """[N, Hkv, P]: the block-mean query's logits against the prefix keys, per KV head. q_block [N, Hq, B, D],
+    k_prefix_kv [N, Hkv, P, D] (one row per KV head), Hq = Hkv * group. Softmax is monotone in the logit and
+    shares one normaliser per head, so this ranks keys as the block-mean query's own attention would."""
+    n, hq, b, d = q_block.shape
+    q_mean = q_block.float().view(n, hq // group, group, b, d).mean(dim=(2, 3))  # [N, Hkv, D]
+    return torch.einsum("nhd,nhpd->nhp", q_mean, k_prefix_kv.float()) * scale
 
 
 def quest_scores(q_block, k_prefix_kv, page_size: int) -> torch.Tensor:
@@ -146,6 +158,9 @@ class SparseAttention:
             else:
                 if self.method == "quest":
                     selected = forced | top_outside(quest_scores(q[:, :, p:], k[:, ::group, :p], self.page_size),
+                                                    forced, self.k)
+                elif self.method == "mage_fused" and self.step == 0:
+                    selected = forced | top_outside(fused_scores(q[:, :, p:], k[:, ::group, :p], group, scale),
                                                     forced, self.k)
                 elif self.method == "oracle" or self.step == 0:
                     selected = forced | top_outside(probs, forced, self.k)

@@ -33,8 +33,9 @@ def test_reference_end_to_end_on_a_random_model(tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == result["rows"] and on_disk["note"] == ea.RANDOM_NOTE and ea.RANDOM_NOTE in logs
     rows = on_disk["rows"]
-    assert [(r["method"], r["k"]) for r in rows] == [("exact", None), ("mage", 8), ("mage", 16), ("quest", 8),
-                                                      ("quest", 16), ("oracle", 8), ("oracle", 16)]
+    assert [(r["method"], r["k"]) for r in rows] == [("exact", None), ("mage", 8), ("mage", 16), ("mage_fused", 8),
+                                                      ("mage_fused", 16), ("quest", 8), ("quest", 16), ("oracle", 8),
+                                                      ("oracle", 16)]
     for r in rows:
         assert set(ea.ROW_FIELDS) <= set(r) and r["context"] == 128 and r["n"] == 3
         assert 0.0 <= r["accuracy"] <= 1.0
@@ -76,7 +77,7 @@ def test_sglang_path_with_a_stand_in_generate(tmp_path):
     answers = {tuple(p.tolist()): a.tolist() for p, a in zip(data[128][0], data[128][1])}
     calls = []
 
-    def generate(kwargs, prompts):  # exact answers everything, mage the first half, quest and oracle nothing
+    def generate(kwargs, prompts):  # exact answers everything, mage the first half, the rest nothing
         calls.append(kwargs)
         outs = [answers[tuple(p)] for p in prompts]
         if kwargs["attention_backend"] == "mage":
@@ -90,11 +91,12 @@ def test_sglang_path_with_a_stand_in_generate(tmp_path):
                    "64", "--out", str(tmp_path / "a.json"), "--sglang-algorithm", "FixedSteps"], generate=generate,
                   log=lambda *_: None)
     acc = {r["method"]: r["accuracy"] for r in res["rows"]}
-    assert acc == {"exact": 1.0, "mage": 0.5, "quest": 0.0, "oracle": 0.0}
+    assert acc == {"exact": 1.0, "mage": 0.5, "mage_fused": 0.0, "quest": 0.0, "oracle": 0.0}
     assert all(r["recall"] is None and r["engine"] == "sglang" for r in res["rows"])
     by = {c.get("mage_selector", "flashinfer"): c for c in calls}
     assert by["flashinfer"]["attention_backend"] == "flashinfer" and "mage_k" not in by["flashinfer"]
     assert by["mean"]["mage_k"] == 64 and by["mean"]["mage_min_context"] == 0 and by["quest"]["mage_quest_page_size"] == 16
+    assert by["fused"]["mage_k"] == 64  # mage_fused runs the backend's fused selector
     assert all(c["skip_tokenizer_init"] and c["model_path"] == str(ckpt) for c in calls)
     with open(by["oracle"]["dllm_algorithm_config"]) as f:
         assert f.read().strip() == f"steps: {ANSWER_LEN}"
@@ -125,9 +127,9 @@ def test_shipped_checkpoint_accuracy(tmp_path):
 
 
 def test_method_grid_gives_quest_and_oracle_their_own_budgets():
-    grid = ea.method_grid(["exact", "mage", "quest", "oracle"], [64, 128, 256, 512], baseline_ks=[128, 512])
-    assert grid == [("exact", None), ("mage", 64), ("mage", 128), ("mage", 256), ("mage", 512),
-                    ("quest", 128), ("quest", 512), ("oracle", 128), ("oracle", 512)]
+    grid = ea.method_grid(["exact", "mage", "mage_fused", "quest", "oracle"], [64, 512], baseline_ks=[128])
+    assert grid == [("exact", None), ("mage", 64), ("mage", 512), ("mage_fused", 64), ("mage_fused", 512),
+                    ("quest", 128), ("oracle", 128)]
     assert ea.method_grid(["quest"], [64, 128]) == [("quest", 64), ("quest", 128)]
 
 

@@ -10,7 +10,7 @@ import torch
 from training import train
 from training.mage_reference import decode_with_mage
 from training.model import TinyConfig, TinySDAR
-from training.sparse_reference import decode_with_method, quest_scores, set_recall, top_outside
+from training.sparse_reference import decode_with_method, fused_scores, quest_scores, set_recall, top_outside
 from training.tasks import MASK
 
 CFG = TinyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -50,7 +50,7 @@ def test_exact_through_the_hook_equals_the_model(setup):
     assert "attend" not in vars(model.model.layers[0].self_attn)
 
 
-@pytest.mark.parametrize("method", ["mage", "quest", "oracle"])
+@pytest.mark.parametrize("method", ["mage", "mage_fused", "quest", "oracle"])
 def test_budget_covering_the_prompt_equals_dense(setup, method):
     model, prompts, dense = setup
     out, sa = decode_with_method(model, prompts, method, k=prompts.shape[1], sink=0, local=0)
@@ -68,7 +68,7 @@ def test_mage_equals_mage_reference(setup):
 def test_small_budget_recall_ranges(setup):
     model, prompts, _ = setup
     res = {}
-    for method in ("mage", "quest", "oracle"):
+    for method in ("mage", "mage_fused", "quest", "oracle"):
         out, sa = decode_with_method(model, prompts, method, k=8, sink=2, local=4)
         assert not (out == MASK).any()
         # 3 later steps x 2 layers, one entry each
@@ -77,6 +77,24 @@ def test_small_budget_recall_ranges(setup):
         assert all(0.0 <= v <= 1.0 for v in res[method].values())
     assert res["oracle"]["recall"] == 1.0 and res["oracle"]["mass_recall"] == 1.0
     assert res["mage"]["recall"] < 1.0  # a random model's attention moves between steps
+
+
+def test_fused_scores_equal_the_fused_first_step_reference():
+    """The harness's `mage_fused` ranks keys by exactly the scores ops/first_step's fused pass writes."""
+    from sglang_mage.ops.first_step.reference import fused_first_step_ref
+
+    g = torch.Generator().manual_seed(0)
+    n, hkv, grp, b, p, d = 2, 2, 3, 4, 37, 8
+    scale = d ** -0.5
+    q_block = torch.randn(n, hkv * grp, b, d, generator=g)
+    k_all = torch.randn(n, hkv, p + b, d, generator=g)  # prefix, then the block's own keys
+    ours = fused_scores(q_block, k_all[:, :, :p], grp, scale)
+    q = q_block.permute(0, 2, 1, 3).reshape(n * b, hkv * grp, d)
+    k_buffer = k_all.permute(0, 2, 1, 3).reshape(n * (p + b), hkv, d)
+    _, ref = fused_first_step_ref(q, k_buffer, k_buffer, torch.arange(n + 1) * b,
+                                  torch.arange(n * (p + b)).view(n, p + b), torch.arange(n), torch.full((n,), p),
+                                  scale, b, p)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_quest_scores_equal_the_backend_loop_reference():
