@@ -59,8 +59,9 @@ from training.sparse_reference import decode_with_method  # noqa: E402
 from training.tasks import ALL_TASKS, ANSWER_LEN, TASKS  # noqa: E402
 
 SHIPPED_CHECKPOINT = os.path.join(ROOT, "checkpoints", "tiny-sdar-recall")
-METHODS = ("exact", "mage", "mage_fused", "quest", "oracle")
+# Each sparse method and the `--mage-selector` it runs through SGLang; exact runs the flashinfer backend.
 SGLANG_SELECTORS = {"mage": "mean", "mage_fused": "fused", "quest": "quest", "oracle": "oracle"}
+METHODS = ("exact", *SGLANG_SELECTORS)
 DEFAULT_KS = (64, 128, 256, 512)
 RANDOM_NOTE = "checkpoint 'random': a randomly initialised model; accuracy is meaningless (pipeline check only)"
 ROW_FIELDS = ("context", "method", "k", "accuracy", "recall")

@@ -25,6 +25,7 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from . import config as mage_config
+from .chunked_prefill import holds_prompt_chunk
 from .cuda_graph import ForwardDecision, MageCudaGraphMixin, fill_block_metadata, graph_eligible
 from .hooks import install_slot_free_listener
 from .index_cache import MageIndexCache, Phase, StepPlan
@@ -122,7 +123,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         extend_lens = list(forward_batch.extend_seq_lens_cpu)
         if self.kv_dumper is not None:
             self.kv_dumper.on_forward(forward_batch)
-        if extend_lens and max(extend_lens) > self.block_size:
+        if holds_prompt_chunk(extend_lens, self.block_size):
             self._check_block_aligned(prefix_lens, extend_lens)
             # Only whole mask-free prompt blocks are chunked, so there is nothing to select or reuse here.
             self.index_cache.stats.block_causal_forwards += 1

@@ -52,6 +52,12 @@ def chunk_tokens(server_args: Any, block_size: int) -> int:
     return resolve_prefill_chunk_tokens(getattr(server_args, "mage_config", None), server_args, block_size)
 
 
+def holds_prompt_chunk(extend_lens: Any, block_size: int) -> bool:
+    """Whether a DLLM_EXTEND batch with these extend lengths is a chunked prompt forward: only those extend a
+    request by more than one block (upstream's batches extend each by at most B)."""
+    return bool(extend_lens) and max(int(n) for n in extend_lens) > block_size
+
+
 def chunking_on(server_args: Any) -> bool:
     # Rounding to blocks never turns a positive size into 0, so the block size does not matter here.
     return chunk_tokens(server_args, 1) > 0
@@ -174,7 +180,7 @@ def get_dllm_logits_around(original: Any, self: Any, hidden_states: Any, lm_head
                            *args: Any, **kwargs: Any) -> Any:
     lens = getattr(logits_metadata, "extend_seq_lens_cpu", None)
     server_args = _global_server_args()
-    if lens and chunking_on(server_args) and max(lens) > block_size_for(server_args):
+    if lens and chunking_on(server_args) and holds_prompt_chunk(lens, block_size_for(server_args)):
         from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 
         return LogitsProcessorOutput(next_token_logits=None, full_logits=None)

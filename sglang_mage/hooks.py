@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from . import BACKEND_NAME, config
+from .chunked_prefill import holds_prompt_chunk
 
 logger = logging.getLogger("sglang_mage")
 
@@ -140,8 +141,7 @@ def can_run_graph_around(original: Any, self: Any, forward_batch: Any) -> Any:
         # BENCH_ANY_BACKEND_ENV). SGLang checks the batch size alone, and a chunk (more than one block per
         # request) would be copied into buffers captured at B tokens per request: run it eagerly.
         block = getattr(self, "num_tokens_per_bs", None)
-        lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
-        if block and lens is not None and any(int(n) > block for n in lens):
+        if block and holds_prompt_chunk(getattr(forward_batch, "extend_seq_lens_cpu", None), block):
             return False
         return original(self, forward_batch)
     eligible = gate(forward_batch, token=getattr(self.model_runner, "forward_pass_id", None))
