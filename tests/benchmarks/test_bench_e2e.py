@@ -52,6 +52,10 @@ def test_results_json_is_written_atomically_and_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     bench_e2e.plot({"rows": rows}, str(tmp_path / "e2e.png"))
     assert os.path.getsize(tmp_path / "e2e.png") > 1000
+    os.remove(tmp_path / "e2e.png")
+    # --replot redraws a results file without a GPU (the GPU host's matplotlib can fail inside SGLang)
+    assert bench_e2e.main(["--replot", str(out)]) == 0
+    assert os.path.getsize(tmp_path / "e2e.png") > 1000
 
 
 def test_no_gpu_is_a_clear_exit_not_a_traceback(capsys):
