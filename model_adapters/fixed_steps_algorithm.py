@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sglang.srt.dllm.algorithm.base import DllmAlgorithm
 
-from .schedules import fixed_steps_transfer, parse_steps
+from .schedules import fixed_steps_transfer, parse_steps, steps_needed
 
 
 class FixedSteps(DllmAlgorithm):
@@ -14,16 +14,22 @@ class FixedSteps(DllmAlgorithm):
 
     def run(self, model_runner, forward_batch):
         bs, block = forward_batch.batch_size, self.block_size
-        # Checked before the view: a mask-free batch may hold multi-block prompt chunks (mage chunked prefill).
-        if not bool((forward_batch.input_ids == self.mask_id).any()):
+        # A batch that is not bs x B tokens is a multi-block prompt chunk (mage chunked prefill), which holds
+        # no [MASK]; checking costs a host read, but only on those few prompt forwards.
+        if forward_batch.input_ids.numel() != bs * block:
+            if bool((forward_batch.input_ids == self.mask_id).any()):
+                raise RuntimeError(f"FixedSteps: a batch of {forward_batch.input_ids.numel()} tokens for {bs} "
+                                   f"requests of block size {block} holds [MASK] tokens")
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
             return out.logits_output, [], out.can_run_graph
         ids = forward_batch.input_ids.view(bs, block)  # a view: in-place updates reach the next forward
-        masked = ids == self.mask_id
-        starts = (block - masked.sum(dim=1)).tolist()
-        for step in range(self.steps):
-            if not bool((ids == self.mask_id).any()):
-                break
+        # The block's one device-to-host read: the step count follows from the [MASK] counts (steps_needed).
+        masked_counts = (ids == self.mask_id).sum(dim=1).tolist()
+        if not any(masked_counts):
+            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+            return out.logits_output, [], out.can_run_graph
+        starts = [block - n for n in masked_counts]
+        for step in range(steps_needed(masked_counts, self.steps)):
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
             logits = out.logits_output.full_logits.view(bs, block, -1)
             ids.copy_(fixed_steps_transfer(ids, logits, self.mask_id, self.steps - step))

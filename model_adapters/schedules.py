@@ -42,6 +42,24 @@ def parse_steps(algorithm_config: dict, block_size: int) -> int:
     return steps
 
 
+def steps_needed(masked_counts, steps: int) -> int:
+    """Denoising forwards until every row's [MASK] is gone, from the rows' [MASK] counts alone.
+
+    fixed_steps_transfer fills exactly ceil(remaining / steps_left) of a row's masks per step (never more
+    than remain), so the count is known on the host before the first forward. The loop that runs the steps
+    then needs no device-to-host read between them, and the host can queue the next forward while the GPU
+    still runs the current one."""
+    remaining = [int(n) for n in masked_counts]
+    done = 0
+    for step in range(steps):
+        if not any(remaining):
+            break
+        left = steps - step
+        remaining = [n - (n + left - 1) // left for n in remaining]
+        done += 1
+    return done
+
+
 def fixed_steps_transfer(input_ids: torch.Tensor, logits: torch.Tensor, mask_id: int, steps_left: int) -> torch.Tensor:
     """One denoising step. input_ids [R, B] (updated copy returned), logits [R, B, V].
 

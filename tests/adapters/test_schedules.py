@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_mage.model_adapters.schedules import fixed_steps_transfer, parse_steps
+from sglang_mage.model_adapters.schedules import fixed_steps_transfer, parse_steps, steps_needed
 
 MASK = 99
 
@@ -68,3 +68,48 @@ def test_fixed_steps_algorithm_runs_exactly_steps_plus_commit():
     assert masks_before == [13, 9, 6, 3, 0]  # equal shares per step: ceil(5/4)+ceil(8/4), ...
     assert [t.numel() for t in tokens] == [5, 8] and not (ids == MASK).any()
     assert torch.equal(ids[:3], torch.tensor([5, 6, 7]))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8])
+def test_steps_needed_equals_running_the_transfer_until_no_mask(steps):
+    # The algorithm runs steps_needed(...) forwards without reading the device between them; it must be
+    # exactly when the transfer itself would have emptied every row.
+    g = torch.Generator().manual_seed(steps)
+    block = 8
+    for counts in ([0, 0], [1, 0], [3, 8], [8, 8], [2, 5, 7], [1]):
+        ids = torch.randint(0, 50, (len(counts), block), generator=g)
+        for r, n in enumerate(counts):
+            ids[r, block - n:] = MASK
+        ran = 0
+        while (ids == MASK).any() and ran < steps:
+            ids = fixed_steps_transfer(ids, torch.randn(len(counts), block, 64, generator=g), MASK, steps - ran)
+            ran += 1
+        assert not (ids == MASK).any()
+        assert steps_needed(counts, steps) == ran, (counts, steps)
+
+
+def test_fixed_steps_reads_the_device_once_per_block_and_rejects_masks_in_a_prompt_chunk():
+    from sglang_mage.model_adapters.fixed_steps_algorithm import FixedSteps
+
+    block = 4
+    algo = FixedSteps(SimpleNamespace(block_size=block, mask_id=MASK, algorithm_config={"steps": 4}))
+    calls = []
+
+    def forward(fb, pp_proxy_tensors=None):
+        calls.append(fb.input_ids.numel())
+        logits = torch.randn(fb.input_ids.numel(), 100)
+        logits[:, MASK] = float("-inf")
+        return SimpleNamespace(logits_output=SimpleNamespace(full_logits=logits), can_run_graph=True)
+
+    # two masks in the block: 2 denoising forwards (one mask each), then the commit pass
+    ids = torch.tensor([5, 6, MASK, MASK])
+    _, tokens, graph = algo.run(SimpleNamespace(forward=forward), SimpleNamespace(batch_size=1, input_ids=ids))
+    assert calls == [4, 4, 4] and [t.numel() for t in tokens] == [2] and graph is True
+    # a 3-block prompt chunk: one forward, nothing generated
+    calls.clear()
+    chunk = SimpleNamespace(batch_size=1, input_ids=torch.arange(12))
+    _, tokens, _ = algo.run(SimpleNamespace(forward=forward), chunk)
+    assert calls == [12] and tokens == []
+    chunk.input_ids[5] = MASK
+    with pytest.raises(RuntimeError, match="holds \\[MASK\\]"):
+        algo.run(SimpleNamespace(forward=forward), chunk)
