@@ -14,17 +14,18 @@ class FixedSteps(DllmAlgorithm):
 
     def run(self, model_runner, forward_batch):
         bs, block = forward_batch.batch_size, self.block_size
-        # A batch that is not bs x B tokens is a multi-block prompt chunk (mage chunked prefill), which holds
-        # no [MASK]; checking costs a host read, but only on those few prompt forwards.
-        if forward_batch.input_ids.numel() != bs * block:
-            if bool((forward_batch.input_ids == self.mask_id).any()):
-                raise RuntimeError(f"FixedSteps: a batch of {forward_batch.input_ids.numel()} tokens for {bs} "
-                                   f"requests of block size {block} holds [MASK] tokens")
-            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-            return out.logits_output, [], out.can_run_graph
-        ids = forward_batch.input_ids.view(bs, block)  # a view: in-place updates reach the next forward
-        # The block's one device-to-host read: the step count follows from the [MASK] counts (steps_needed).
-        masked_counts = (ids == self.mask_id).sum(dim=1).tolist()
+        ids = forward_batch.input_ids
+        if ids.numel() == bs * block:
+            ids = ids.view(bs, block)  # a view: in-place updates reach the next forward
+            # The block's one device-to-host read: the step count follows from the [MASK] counts (steps_needed).
+            masked_counts = ids.eq(self.mask_id).sum(dim=1).tolist()
+        elif bool((ids == self.mask_id).any()):
+            # Any other size is a multi-block prompt chunk (mage chunked prefill), which holds no [MASK];
+            # checking costs a host read, but only on those few prompt forwards.
+            raise RuntimeError(f"FixedSteps: a batch of {ids.numel()} tokens for {bs} requests of block size "
+                               f"{block} holds [MASK] tokens")
+        else:
+            masked_counts = []
         if not any(masked_counts):
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
             return out.logits_output, [], out.can_run_graph

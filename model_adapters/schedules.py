@@ -42,10 +42,16 @@ def parse_steps(algorithm_config: dict, block_size: int) -> int:
     return steps
 
 
+def step_quota(remaining, steps_left: int):
+    """[MASK] positions a row fills at a step: an equal share of what remains, ceil(remaining / steps_left).
+    Works on host ints (steps_needed) and on device tensors (fixed_steps_transfer) alike."""
+    return (remaining + steps_left - 1) // steps_left
+
+
 def steps_needed(masked_counts, steps: int) -> int:
     """Denoising forwards until every row's [MASK] is gone, from the rows' [MASK] counts alone.
 
-    fixed_steps_transfer fills exactly ceil(remaining / steps_left) of a row's masks per step (never more
+    fixed_steps_transfer fills exactly step_quota of a row's masks per step (never more
     than remain), so the count is known on the host before the first forward. The loop that runs the steps
     then needs no device-to-host read between them, and the host can queue the next forward while the GPU
     still runs the current one."""
@@ -54,8 +60,7 @@ def steps_needed(masked_counts, steps: int) -> int:
     for step in range(steps):
         if not any(remaining):
             break
-        left = steps - step
-        remaining = [n - (n + left - 1) // left for n in remaining]
+        remaining = [n - step_quota(n, steps - step) for n in remaining]
         done += 1
     return done
 
@@ -70,7 +75,7 @@ def fixed_steps_transfer(input_ids: torch.Tensor, logits: torch.Tensor, mask_id:
     conf, token = probs.max(dim=-1)
     conf = torch.where(mask, conf, float("-inf"))
     remaining = mask.sum(dim=1, keepdim=True)
-    quota = (remaining + steps_left - 1) // steps_left
+    quota = step_quota(remaining, steps_left)
     order = torch.sort(conf, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
