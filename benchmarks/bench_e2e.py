@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                          "architectures": {sh: model_config(sh, args.model_class)["architectures"][0]
                                            for sh in args.shapes},
                          "cuda_graph": {b: not BACKENDS[b].get("disable_cuda_graph", False) for b in BACKENDS},
-                         "prompt_prefill": "chunked for every backend (SGLANG_MAGE_BENCH_CHUNK_ANY_BACKEND=1): "
+                         "prompt_prefill": "chunked for every backend (SGLANG_MAGE_BENCH_ANY_BACKEND=1): "
                                            "untimed; the baselines' chunks attend bidirectionally"},
               "rows": []}
     rows, root = result["rows"], tempfile.mkdtemp(prefix="mage-e2e-")

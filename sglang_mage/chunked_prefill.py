@@ -35,19 +35,26 @@ from .config import resolve_prefill_chunk_tokens
 _SRT = "sglang.srt"
 
 
-# Benchmarks only (benchmarks/bench_e2e.py): chunk the prompts of any backend's server. SGLang alone needs
+# Benchmarks only (benchmarks/bench_e2e.py): apply the plugin's scheduler-side changes (this chunked prompt
+# prefill, and radix_rounds' incremental caching) to any backend's server, so baselines run the same
+# scheduler. Chunking first: SGLang alone needs
 # one forward per 32-token block, and its 1 x 128K prompt had not finished prefilling after 4 minutes on the
 # H200 (results/raw/e2e_flashinfer_prefill_stall_h200.log), so the flashinfer baseline could not be timed.
 # Another backend computes a chunk's attention bidirectionally, not block-causally: its prompt KV is not the
 # model's. With dummy weights that is irrelevant to timing, and the blocks after the prompt run unchanged.
-BENCH_ANY_BACKEND_ENV = "SGLANG_MAGE_BENCH_CHUNK_ANY_BACKEND"
+BENCH_ANY_BACKEND_ENV = "SGLANG_MAGE_BENCH_ANY_BACKEND"
+
+
+def scheduler_fixes_on(server_args: Any) -> bool:
+    """Whether this server's scheduler runs the plugin's changes: it serves mage, or a benchmark asked."""
+    if server_args is None:
+        return False
+    return getattr(server_args, "attention_backend", None) == BACKEND_NAME or os.environ.get(BENCH_ANY_BACKEND_ENV) == "1"
 
 
 def chunk_tokens(server_args: Any, block_size: int) -> int:
     """C for this server, or 0 when chunked prompt prefill is off (another backend, or the option is 0)."""
-    if server_args is None:
-        return 0
-    if getattr(server_args, "attention_backend", None) != BACKEND_NAME and os.environ.get(BENCH_ANY_BACKEND_ENV) != "1":
+    if not scheduler_fixes_on(server_args):
         return 0
     return resolve_prefill_chunk_tokens(getattr(server_args, "mage_config", None), server_args, block_size)
 

@@ -3,7 +3,7 @@
 SGLang calls `register()` in the main process and again in every scheduler process. It is idempotent and
 cheap: it adds the backend name, a lazy factory and the server-argument hooks; the backend module, the
 Triton ops and FlashInfer are imported only when SGLang builds a `mage` backend. Hooks on heavy SGLang modules
-(chunked prefill, the dLLM config, FixedSteps, the Fast-dLLM v2 model and algorithm, SDAR's rotary config) are applied right after those modules' first import.
+(chunked prefill, incremental radix caching of dLLM rounds, the dLLM config, FixedSteps, the Fast-dLLM v2 model and algorithm, SDAR's rotary config) are applied right after those modules' first import.
 
 SGLang's loader logs and swallows exceptions raised here, so a failure is also remembered and re-raised
 from the factory: asking for `--attention-backend mage` then fails at startup with the reason.
@@ -50,10 +50,12 @@ def register() -> None:
         from .model_adapters.registry import install_dllm_config_hook
         from .model_adapters.schedules import register_schedules
         from .model_adapters.sdar import register_sdar_rope_fix
+        from .radix_rounds import register_radix_rounds_hook
 
         check_sglang_version()
         register_server_args_hooks()
         register_chunked_prefill_hooks()
+        register_radix_rounds_hook()
         register_schedules()
         install_dllm_config_hook()
         register_fast_dllm_v2()
