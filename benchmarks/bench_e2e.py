@@ -100,8 +100,9 @@ def start_engine(shape: str, backend: str, points, root: str, model_class: str =
     import sglang as sgl
     from sglang_mage.chunked_prefill import BENCH_ANY_BACKEND_ENV
 
-    # Every backend prefills its prompts in chunks (sglang_mage/chunked_prefill.py says why and what that
-    # costs the baselines' prompt KV); the scheduler processes inherit the variable.
+    # Every backend runs the plugin's scheduler changes: prompts prefilled in chunks (sglang_mage/chunked_prefill.py
+    # says why and what that costs the baselines' prompt KV) and incremental radix caching of rounds
+    # (sglang_mage/radix_rounds.py); the scheduler processes inherit the variable.
     os.environ[BENCH_ANY_BACKEND_ENV] = "1"
 
     steps = min(8, BLOCK[shape])
@@ -193,7 +194,9 @@ def main(argv=None) -> int:
                                            for sh in args.shapes},
                          "cuda_graph": {b: not BACKENDS[b].get("disable_cuda_graph", False) for b in BACKENDS},
                          "prompt_prefill": "chunked for every backend (SGLANG_MAGE_BENCH_ANY_BACKEND=1): "
-                                           "untimed; the baselines' chunks attend bidirectionally"},
+                                           "untimed; the baselines' chunks attend bidirectionally",
+                         "radix_rounds": "incremental radix caching of dLLM rounds for every backend "
+                                         "(sglang_mage/radix_rounds.py, SGLANG_MAGE_BENCH_ANY_BACKEND=1)"},
               "rows": []}
     rows, root = result["rows"], tempfile.mkdtemp(prefix="mage-e2e-")
     bar = tqdm(total=sum(len(p) for *_, p in runs), desc="e2e", unit="point")

@@ -12,6 +12,7 @@
 #   adapters      benchmarks/adapters_check.py -> adapters.json
 #   kernels       benchmarks/bench_kernels.py (KERNEL_ARGS) -> kernels.json
 #   e2e           benchmarks/bench_e2e.py (E2E_ARGS) -> e2e.json
+#   radix         benchmarks/bench_radix_rounds.py (the host's CPU) -> radix_rounds.json
 #   wait-train    wait for train-bg, then evaluate the checkpoint (eval_accuracy.py, EVAL_ARGS)
 #   sweep-bg      start one training per SWEEP_1..SWEEP_4 (extra train.py args) at once, in the background
 #   wait-sweep    wait for them; the run whose last held-out eval is best becomes $CKPT (logs of all come back)
@@ -161,6 +162,9 @@ for job in "$@"; do
     tp2)
       NCCL_NVLS_ENABLE=0 timeout "${TP2_TIMEOUT:-480}" python benchmarks/tp2_check.py --out "$R/tp2.json" ${TP2_ARGS:-} \
         > "$R/tp2.log" 2>&1; echo "tp2 rc=$?"; grep -v "Ignore import" "$R/tp2.log" | tail -10 ;;
+    radix)
+      timeout 120 python benchmarks/bench_radix_rounds.py --out "$R/radix_rounds.json" > "$R/radix_rounds.log" 2>&1
+      tail -9 "$R/radix_rounds.log" ;;
     e2e|e2e2)  # two grids in one call: E2E_ARGS -> e2e.json, E2E2_ARGS -> e2e2.json
       args=${E2E_ARGS:-}; [ "$job" = e2e2 ] && args=${E2E2_ARGS:-}
       timeout "${E2E_TIMEOUT:-420}" python benchmarks/bench_e2e.py --out "$R/$job.json" $args \
