@@ -51,6 +51,20 @@ def rank_head_counts(model_config, attn_tp_size: int) -> tuple[int, int]:
     return model_config.num_attention_heads // tp, model_config.get_num_kv_heads(tp)
 
 
+def batch_slots(forward_batch) -> tuple:
+    """The pool slots of the batch's requests. Reading them from the device is a sync, and SGLang's dLLM
+    algorithms run every step of a block on the same ForwardBatch, so they are read once per batch and kept
+    on it, with the tensor they came from: a sync per step would stop the host queuing the next step's
+    forward while the GPU runs this one, which at batch 1 costs more than a sparse step's attention."""
+    indices = forward_batch.req_pool_indices
+    kept = getattr(forward_batch, "_mage_slots", None)
+    if kept is not None and kept[0] is indices:
+        return kept[1]
+    slots = tuple(indices.tolist())
+    forward_batch._mage_slots = (indices, slots)
+    return slots
+
+
 class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
     def __init__(self, model_runner, *args, **kwargs):
         super().__init__(model_runner, *args, **kwargs)
@@ -118,7 +132,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         forward, so it runs exactly once per forward: from the graph gate, or else from init_forward_metadata."""
         if not forward_batch.forward_mode.is_dllm_extend():
             return ForwardDecision(StepPlan(Phase.DENSE, "not a dLLM forward"))
-        slots = tuple(forward_batch.req_pool_indices.tolist())
+        slots = batch_slots(forward_batch)
         prefix_lens = tuple(forward_batch.extend_prefix_lens_cpu)
         extend_lens = list(forward_batch.extend_seq_lens_cpu)
         if self.kv_dumper is not None:

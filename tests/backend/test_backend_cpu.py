@@ -229,3 +229,28 @@ def test_fused_first_step_is_exact_and_selects_by_block_mean_query_logits(world)
         ref = sparse_block_attention_ref(q2, w.k[i], w.v[i], qo, w.r2t, w.rows, prefix,
                                          backend.index_cache.slots[:, i], backend.index_cache.lens[:, i], w.scale, B)
         assert torch.allclose(o, ref, atol=1e-4)
+
+
+def test_pool_slots_are_read_from_the_device_once_per_batch(world):
+    """Every step of a block runs on the same ForwardBatch; only its first forward may read the slots."""
+    from sglang_mage.backend import batch_slots
+
+    reads = []
+
+    class Indices:
+        def __init__(self, values):
+            self.values = values
+
+        def tolist(self):
+            reads.append(self.values)
+            return list(self.values)
+
+    batch = SimpleNamespace(req_pool_indices=Indices([1, 2]))
+    assert batch_slots(batch) == (1, 2) and batch_slots(batch) == (1, 2) and len(reads) == 1
+    batch.req_pool_indices = Indices([3])  # a batch whose requests change is read again
+    assert batch_slots(batch) == (3,) and len(reads) == 2
+    w = world
+    backend = w.make(MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0))
+    step(backend, w, torch.randn(2 * B, HQ, D))
+    step(backend, w, torch.randn(2 * B, HQ, D))
+    assert backend.plan.phase == Phase.SPARSE and w.batch._mage_slots[1] == (1, 2)
