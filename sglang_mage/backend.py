@@ -109,6 +109,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         self.block_causal = False
         # CUDA-graph side (cuda_graph.py): static buffers come with init_cuda_graph_state, if SGLang captures.
         self.graph_mode, self._pending, self._cg_max_bs = "eager", None, None
+        self.graph_first_capacity, self.capture_first_step, self.graph_variant = None, False, None
         # quest: per layer, the page bounds of the current batch's prefixes (valid for its block's steps).
         self.quest_bounds: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
         self.batch_key: tuple = ()
@@ -150,8 +151,8 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         plan = self.index_cache.plan(
             slots, prefix_lens, lambda: bool((forward_batch.input_ids == self.mask_id).any().item())
         )
-        return ForwardDecision(plan, prefix_lens, slots,
-                               graphable=graph_eligible(plan, self.mage.selector, extend_lens, self.block_size))
+        return ForwardDecision(plan, prefix_lens, slots, graphable=graph_eligible(
+            plan, self.mage.selector, extend_lens, self.block_size, self.graph_first_capacity, max(prefix_lens, default=0)))
 
     def init_forward_metadata(self, forward_batch):
         """Eager forwards (the graph path is cuda_graph.MageCudaGraphMixin.init_forward_metadata_out_graph)."""
@@ -338,7 +339,8 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
                 scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
                 forward_batch.req_pool_indices, sel_slots, sel_lens,
             )
-        self.index_cache.stats.select_layer_calls += 1
+        if self.graph_mode == "eager":  # a replayed first step never reaches Python
+            self.index_cache.stats.select_layer_calls += 1
 
     def _maybe_dump(self, q3, k_buf, v_buf, sel_slots, sel_lens, o, layer, forward_batch) -> None:
         """With $SGLANG_MAGE_DUMP_DIR set, save the inputs and output of the first sparse call of layer 1 whose

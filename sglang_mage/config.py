@@ -55,6 +55,9 @@ class MageConfig:
     # total). None: SGLang's --chunked-prefill-size (else --max-prefill-tokens). 0: one block per forward,
     # as upstream. See `resolve_prefill_chunk_tokens` for the rounding and the cap.
     prefill_chunk_size: int | None = None
+    # Experimental, not yet run on a GPU: also capture a block's first step (exact attention + `mean`
+    # selection at a fixed capacity) in the dLLM CUDA graph, so it replays instead of running eagerly.
+    graph_first_step: bool = False
 
     def __post_init__(self) -> None:
         def need(cond: bool, flag: str, msg: str, value: Any) -> None:
@@ -72,7 +75,7 @@ class MageConfig:
         need(1 <= self.vote_min_k <= self.vote_max_k, "vote-min-k", "must be in [1, --mage-vote-max-k]", self.vote_min_k)
         need(self.vote_max_k <= 65536, "vote-max-k", "must be <= 65536", self.vote_max_k)
         need(1 <= self.quest_page_size <= 1024, "quest-page-size", "must be in [1, 1024]", self.quest_page_size)
-        for name in ("sparse_commit", "force_sparse"):
+        for name in ("sparse_commit", "force_sparse", "graph_first_step"):
             need(isinstance(getattr(self, name), bool), _flag(name), "must be a boolean", getattr(self, name))
         chunk = self.prefill_chunk_size
         need(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool)), "prefill-chunk-size",
@@ -165,6 +168,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mage-vote-max-k", type=int, default=None, help=f"vote: per-layer budget cap (default {d.vote_max_k}).")
     g.add_argument("--mage-force-sparse", action="store_true", default=None,
                    help="Testing: send every step after the first through the sparse kernel, even when exact.")
+    g.add_argument("--mage-graph-first-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="Experimental: also replay a block's first step (exact attention + mean selection at the "
+                        f"context-length capacity) from the dLLM CUDA graph (default {d.graph_first_step}).")
     g.add_argument("--mage-prefill-chunk-size", type=int, default=None,
                    help="dLLM prompt prefill: tokens of mask-free prompt blocks per forward, rounded down to whole "
                         "blocks (default: --chunked-prefill-size, else --max-prefill-tokens; capped at "

@@ -1,9 +1,13 @@
-"""CUDA graphs for mage's sparse DLLM_EXTEND steps (SGLang's dLLM decode graph, `DecodeCudaGraphRunner`).
+"""CUDA graphs for mage's DLLM_EXTEND steps (SGLang's dLLM decode graph, `DecodeCudaGraphRunner`).
 
 A sparse step is ~3 small kernels per layer (KV write, sparse attention, split merge) plus the model's own,
-so eager sparse steps are bound by launches; one graph replay per step removes that. Only sparse steps
-replay: a block's first forward (exact attention + selection), prompt prefill and every dense forward stay
-eager, exactly as with the graph off.
+so eager sparse steps are bound by launches; one graph replay per step removes that. Sparse steps replay;
+a block's first forward (exact attention + selection), prompt prefill and every dense forward stay eager,
+exactly as with the graph off. With --mage-graph-first-step (experimental, `mean` only) a first step
+replays too, from a second graph per batch size: FlashInfer's own captured DLLM_EXTEND prefill (its graph
+state and planning, as with --attention-backend flashinfer) for the exact pass, then scoring and top-k over
+a fixed width, the context length, so that nothing in it depends on a host value. hooks.py's
+capture_one_shape_around captures that variant and resolve_graph_variant_around picks it at replay.
 
 How SGLang 0.5.14 dispatches a forward (`ModelRunner._forward_raw`): it asks
 `DecodeCudaGraphRunner.can_run_graph(fb)` once; if True, `execute` -> `load_batch` copies the batch into
@@ -21,6 +25,7 @@ extends by exactly B tokens, so prefix = seq_len - B. Padding rows (SGLang pads 
 get req_pool_index 0, seq_len B, out_cache_loc 0 from SGLang's registry, hence prefix 0: the sparse kernel
 reads index-cache row 0 (the pool's padding row, never allocated to a request, so its lengths stay 0) and
 attends the B tokens at req_to_token[0, :B], all slot 0, the KV pool's padding slot. Finite, and discarded.
+A first-step replay's padding rows select nothing (prefix 0) into that same row.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ logger = logging.getLogger("sglang_mage")
 # `quest` re-scores pages on the host-built bounds at every step and `oracle` runs an exact pass per step;
 # both need per-batch host values, so their sparse steps stay eager. `dense` never goes sparse.
 GRAPH_SELECTORS = frozenset({"mean", "fused", "vote"})
+# --mage-graph-first-step: selectors whose first step (FlashInfer exact pass + scoring + top-k) has static
+# shapes once the scores span a fixed capacity. `vote` sizes its budget per layer on the host.
+GRAPH_FIRST_SELECTORS = frozenset({"mean"})
+# SGLang keys captured graphs by (bs, stream, variant label); first-step graphs are a second variant per bs.
+FIRST_STEP_VARIANT = "mage_first_step"
 
 
 @dataclasses.dataclass
@@ -75,14 +85,17 @@ def fill_block_metadata(
     prefix_lens[:n].copy_(prefix_src)
 
 
-def graph_eligible(plan: StepPlan, selector: str, extend_lens, block_size: int) -> bool:
-    return (
-        plan.phase == Phase.SPARSE
-        and selector in GRAPH_SELECTORS
-        and len(extend_lens) > 0
-        # The graph was captured for bs x B tokens.
-        and all(n == block_size for n in extend_lens)
-    )
+def graph_eligible(plan: StepPlan, selector: str, extend_lens, block_size: int, first_capacity: Optional[int] = None,
+                   max_prefix: int = 0) -> bool:
+    """Whether a graph captured for bs x B tokens computes this forward: a sparse step of a host-free selector,
+    or, with first-step graphs captured (`first_capacity`: their scores' fixed width), a first step whose
+    prefixes fit that width."""
+    if not extend_lens or any(n != block_size for n in extend_lens):
+        return False
+    if plan.phase == Phase.SPARSE:
+        return selector in GRAPH_SELECTORS
+    return (plan.phase == Phase.FIRST and first_capacity is not None and selector in GRAPH_FIRST_SELECTORS
+            and max_prefix <= first_capacity)
 
 
 class MageCudaGraphMixin:
@@ -92,6 +105,11 @@ class MageCudaGraphMixin:
     graph_mode: str = "eager"  # "eager" | "capture" | "replay": host work and counters run in eager only
     _pending: Optional[ForwardDecision] = None
     _cg_max_bs: Optional[int] = None
+    # --mage-graph-first-step: the scores' fixed width once first-step graphs exist (hooks.capture_one_shape_around
+    # captures them), and the variant label the replay of the current forward uses (None: the sparse graphs).
+    graph_first_capacity: Optional[int] = None
+    capture_first_step: bool = False
+    graph_variant: Optional[str] = None
 
     # ---- deciding, once per forward ------------------------------------------------------------------------
     def mage_graph_gate(self, forward_batch, token: Any = None) -> bool:
@@ -147,7 +165,8 @@ class MageCudaGraphMixin:
     # ---- SGLang's graph interface ------------------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None):
         """Static buffers for bs <= max_bs. FlashInfer's own graph state (kv indices of max_num_tokens x
-        context length, its wrappers) is not allocated: no FlashInfer call is ever captured here."""
+        context length, its wrappers) is allocated only for first-step graphs, whose exact pass is FlashInfer's
+        captured DLLM_EXTEND prefill; sparse graphs call no FlashInfer kernel."""
         if max_num_tokens != max_bs * self.block_size:
             raise RuntimeError(f"sglang-mage: the dLLM graph holds {max_num_tokens} tokens for bs {max_bs}, "
                                f"not bs x block size {self.block_size}")
@@ -162,19 +181,27 @@ class MageCudaGraphMixin:
             self.workspace = alloc_workspace(max_bs, hkv, self.block_size, rows // self.block_size, dv, splits,
                                              device)
         self._cg_max_bs = max_bs
+        if self.mage.graph_first_step and self.mage.selector in GRAPH_FIRST_SELECTORS:
+            super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf)
+            # A prefix never exceeds the context length; scores and top-k span that width in every replay.
+            self.graph_first_capacity = int(self.max_context_len)
+        elif self.mage.graph_first_step:
+            logger.info("sglang-mage: --mage-graph-first-step covers the %s selectors; --mage-selector %s "
+                        "keeps its first steps eager", sorted(GRAPH_FIRST_SELECTORS), self.mage.selector)
         if self.mage.selector not in GRAPH_SELECTORS:
             logger.info("sglang-mage: --mage-selector %s does host work at every sparse step; its steps run "
                         "eagerly and the captured dLLM graphs stay unused", self.mage.selector)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        """Capture (SGLang's dummy batch) and replay (its padded view of the live batch). Only the sparse path
-        is ever captured; `mage_graph_gate` lets only sparse batches replay."""
+        """Capture (SGLang's dummy batch) and replay (its padded view of the live batch) of the sparse path, and
+        of the first-step path when first-step graphs exist; `mage_graph_gate` lets only those batches replay."""
         if not forward_batch.forward_mode.is_dllm_extend():
             raise RuntimeError(f"sglang-mage: no CUDA graph for {forward_batch.forward_mode} forwards")
         bs = forward_batch.batch_size
         actual = getattr(forward_batch, "actual_forward_mode", None)
         if in_capture:
-            self.plan = StepPlan(Phase.SPARSE, "CUDA graph capture")
+            first = self.capture_first_step
+            self.plan = StepPlan(Phase.FIRST if first else Phase.SPARSE, "CUDA graph capture")
             self.graph_mode = "capture"
         elif actual is not None and actual.is_idle():
             # An idle DP rank replays the graph on padding rows only to join the collectives; nothing was planned.
@@ -183,10 +210,19 @@ class MageCudaGraphMixin:
         else:
             self.plan = self._take_replay_decision(forward_batch).plan
             self.graph_mode = "replay"
-            self.index_cache.stats.graph_sparse_forwards += 1
+            if self.plan.phase == Phase.FIRST:
+                self.index_cache.stats.graph_first_forwards += 1
+            else:
+                self.index_cache.stats.graph_sparse_forwards += 1
         self.block_causal = False
-        # Nothing on the graph path reads it, and knowing it would cost a host sync.
-        self.max_prefix = 0
+        first = self.plan.phase == Phase.FIRST
+        self.graph_variant = FIRST_STEP_VARIANT if first else None
+        if first:
+            # FlashInfer's own capture/replay planning of its DLLM_EXTEND prefill wrappers (host work, as with
+            # --attention-backend flashinfer); selection then spans the fixed capacity.
+            super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+        # The sparse path never reads it, and knowing the real maximum would cost a host sync.
+        self.max_prefix = self.graph_first_capacity if first else 0
         qo_indptr, prefix_lens = self._cg_qo_indptr[: bs + 1], self._cg_prefix_lens[:bs]
         fill_block_metadata(qo_indptr, prefix_lens, self._cg_extend_lens[:bs],
                             forward_batch.seq_lens[:bs] - self.block_size)

@@ -149,6 +149,38 @@ def can_run_graph_around(original: Any, self: Any, forward_batch: Any) -> Any:
     return original(self, forward_batch) if eligible else False
 
 
+def capture_one_shape_around(original: Any, self: Any, size: Any, forward: Any, stream_idx: Any = None,
+                             variant_label: Any = None) -> Any:
+    """Why: with --mage-graph-first-step a block's first step has its own captured graph per batch size (the
+    exact pass and selection; the sparse graph has neither). Wraps `DecodeCudaGraphRunner.capture_one_shape`:
+    after SGLang captures a batch size as usual (the sparse step), it captures the same size again under the
+    variant label `cuda_graph.FIRST_STEP_VARIANT`, with the backend switched to its first-step path for that
+    capture. SGLang keys graphs by (size, stream, variant), so both live side by side. Only a mage backend
+    with first-step graphs set up (`graph_first_capacity`) is affected. Remove when SGLang lets a backend
+    capture more than one graph per shape."""
+    out = original(self, size, forward, stream_idx, variant_label)
+    backend = getattr(self, "attn_backend", None)
+    if variant_label is None and getattr(backend, "graph_first_capacity", None) is not None:
+        from .cuda_graph import FIRST_STEP_VARIANT
+
+        backend.capture_first_step = True
+        try:
+            original(self, size, forward, stream_idx, FIRST_STEP_VARIANT)
+        finally:
+            backend.capture_first_step = False
+    return out
+
+
+def resolve_graph_variant_around(original: Any, self: Any, forward_batch: Any) -> Any:
+    """Why: the replay must pick the graph the backend planned for this forward, which SGLang cannot know.
+    Wraps `DecodeCudaGraphRunner._resolve_lora_variant`, which `load_batch` calls right after the backend's
+    `init_forward_metadata_out_graph` to build the replay key: a mage backend that planned a first-step
+    replay names `FIRST_STEP_VARIANT` (`graph_variant`); everything else gets SGLang's own answer. Remove
+    with capture_one_shape_around."""
+    variant = getattr(getattr(self, "attn_backend", None), "graph_variant", None)
+    return variant if variant is not None else original(self, forward_batch)
+
+
 def validate_request_around(original: Any, self: Any, obj: Any, input_ids: Any) -> Any:
     """Why: an empty prompt reaches SGLang's dLLM scheduler as a block of [MASK] at position 0 with no
     context; reject it per request (HTTP 400 / an exception from `Engine.generate`), before it is queued.
@@ -175,8 +207,10 @@ def register_server_args_hooks() -> None:
     # The tokenizer manager pulls in most of SGLang: patch it when SGLang itself imports it.
     hook_when_imported(TOKENIZER_MANAGER, f"{TOKENIZER_MANAGER}.TokenizerManager._validate_one_request",
                        validate_request_around, HookType.AROUND)
-    hook_when_imported(DECODE_GRAPH_RUNNER, f"{DECODE_GRAPH_RUNNER}.DecodeCudaGraphRunner.can_run_graph",
-                       can_run_graph_around, HookType.AROUND)
+    for target, function in (("can_run_graph", can_run_graph_around), ("capture_one_shape", capture_one_shape_around),
+                             ("_resolve_lora_variant", resolve_graph_variant_around)):
+        hook_when_imported(DECODE_GRAPH_RUNNER, f"{DECODE_GRAPH_RUNNER}.DecodeCudaGraphRunner.{target}", function,
+                           HookType.AROUND)
 
 
 def install_slot_free_listener(req_to_token_pool: Any, on_free: Any) -> None:

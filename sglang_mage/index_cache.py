@@ -50,6 +50,8 @@ class MageStats:
     # Of those, replayed from a CUDA graph (sglang_mage.cuda_graph); their layers never reach Python, so
     # sparse_layer_calls counts the layers of eager sparse forwards only.
     graph_sparse_forwards: int = 0
+    # First steps replayed from a first-step graph (--mage-graph-first-step); their layers skip Python too.
+    graph_first_forwards: int = 0
     sparse_layer_calls: int = 0
     select_layer_calls: int = 0
     slots_invalidated: int = 0
