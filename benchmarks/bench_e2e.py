@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=4, help="extra blocks timed per measurement")
     ap.add_argument("--model-class", choices=MODEL_CLASSES, default="sdar",
                     help="sdar: every shape as an SDARForCausalLM body (CUDA-graph capturable); native: its own class")
+    ap.add_argument("--mage-graph-first-step", action="store_true",
+                    help="mage backends replay first steps from the CUDA graph too (experimental)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "e2e.json"))
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results file (no GPU needed)")
     args = ap.parse_args(argv)
@@ -189,6 +191,7 @@ def main(argv=None) -> int:
     result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "sglang": sglang.__version__},
               "config": {"algorithm": "FixedSteps (8 steps per 32-token block; 4 for B=4)", "mage_k": 512,
+                         "mage_graph_first_step": args.mage_graph_first_step,
                          "blocks_timed": args.blocks, "weights": "dummy", "model_class": args.model_class,
                          "architectures": {sh: model_config(sh, args.model_class)["architectures"][0]
                                            for sh in args.shapes},
@@ -203,7 +206,8 @@ def main(argv=None) -> int:
     for shape, backend, points in runs:
         engine, error = None, None
         try:
-            engine = start_engine(shape, backend, points, root, args.model_class)
+            extra = {"mage_graph_first_step": True} if args.mage_graph_first_step and backend.startswith("mage") else {}
+            engine = start_engine(shape, backend, points, root, args.model_class, **extra)
             warm_up(engine, shape)
         except Exception as e:  # noqa: BLE001 - an engine that cannot start is rows with an error, not a crash
             error = f"engine start: {type(e).__name__}: {e}"[:400]

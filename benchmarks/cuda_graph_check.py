@@ -5,8 +5,10 @@ Two `sgl.Engine`s on the dummy-weight tiny SDAR model, identical but for `disabl
 five prompts over at most four running requests (so some replays pad the batch). Checks: the same greedy
 tokens; the graph engine replayed sparse forwards (`graph_sparse_forwards` in $SGLANG_MAGE_STATS_PATH) and
 the eager one never did; both ran the same number of sparse forwards; the index cache ends empty.
+`--graph-first-step` turns on --mage-graph-first-step in the graph engine and also checks that it replayed
+first steps (`graph_first_forwards`) with the same tokens.
 
-Usage: python benchmarks/cuda_graph_check.py [--algorithm LowConfidence] [--out PATH]
+Usage: python benchmarks/cuda_graph_check.py [--algorithm LowConfidence] [--graph-first-step] [--out PATH]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, HERE)
 from e2e_correctness import prompts, read_stats, write_model_dir  # noqa: E402
 
 
-def run(model_dir, algorithm, ids, stats_path, graph: bool):
+def run(model_dir, algorithm, ids, stats_path, graph: bool, graph_first_step: bool = False):
     import sglang as sgl
 
     os.environ["SGLANG_MAGE_STATS_PATH"] = stats_path
@@ -32,7 +34,7 @@ def run(model_dir, algorithm, ids, stats_path, graph: bool):
         model_path=model_dir, load_format="dummy", skip_tokenizer_init=True, dllm_algorithm=algorithm,
         attention_backend="mage", max_running_requests=4, disable_cuda_graph=not graph, mem_fraction_static=0.6,
         context_length=16384, random_seed=0, log_level="warning",
-        mage_k=64, mage_min_context=0, mage_force_sparse=True,
+        mage_k=64, mage_min_context=0, mage_force_sparse=True, mage_graph_first_step=graph and graph_first_step,
     )
     try:
         outs = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 16, "temperature": 0.0})
@@ -44,6 +46,7 @@ def run(model_dir, algorithm, ids, stats_path, graph: bool):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--algorithm", default="LowConfidence")
+    ap.add_argument("--graph-first-step", action="store_true", help="the graph engine replays first steps too")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="mage-graph-")
@@ -52,7 +55,8 @@ def main() -> int:
     runs = {}
     for graph in (True, False):
         name = "graph" if graph else "eager"
-        runs[name] = run(model_dir, args.algorithm, ids, os.path.join(tmp, f"stats-{name}.json"), graph)
+        runs[name] = run(model_dir, args.algorithm, ids, os.path.join(tmp, f"stats-{name}.json"), graph,
+                         args.graph_first_step)
         print(name, json.dumps(runs[name][1]), f"{runs[name][2]} s", flush=True)
     (g_out, g_stats, _), (e_out, e_stats, _) = runs["graph"], runs["eager"]
     failures = []
@@ -62,7 +66,9 @@ def main() -> int:
             failures.append(f"prompt {i} (len {len(ids[i])}): graph and eager tokens differ from output token {first}")
     if not g_stats["graph_sparse_forwards"] > 0:
         failures.append("the graph engine never replayed a sparse forward")
-    if e_stats["graph_sparse_forwards"] != 0:
+    if args.graph_first_step and not g_stats.get("graph_first_forwards"):
+        failures.append("--graph-first-step: the graph engine never replayed a first step")
+    if e_stats["graph_sparse_forwards"] != 0 or e_stats.get("graph_first_forwards"):
         failures.append("the eager engine replayed a graph")
     if g_stats["sparse_forwards"] != e_stats["sparse_forwards"] or e_stats["sparse_forwards"] == 0:
         failures.append(f"sparse forwards: graph {g_stats['sparse_forwards']}, eager {e_stats['sparse_forwards']}")
@@ -70,7 +76,7 @@ def main() -> int:
         failures.append("the index cache is not empty after all requests")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"algorithm": args.algorithm, "prompt_lens": [len(p) for p in ids],
+            json.dump({"algorithm": args.algorithm, "graph_first_step": args.graph_first_step, "prompt_lens": [len(p) for p in ids],
                        "runs": {k: {"stats": v[1], "seconds": v[2]} for k, v in runs.items()},
                        "greedy_match": g_out == e_out, "failures": failures}, f, indent=1)
     print("FAILURES:" if failures else "graph == eager: all checks passed", *failures, sep="\n")

@@ -5,7 +5,7 @@
 # into $OUT/cache.tgz (carry it back as .cache/fi.tgz: the next machine skips FlashInfer's ~3-minute build).
 # Jobs:
 #   train-bg      start the tiny-checkpoint training in the background (TRAIN_ARGS, TRAIN_MINUTES)
-#   graphcheck    benchmarks/cuda_graph_check.py: graph vs eager mage engines -> cuda_graph_check.json
+#   graphcheck    benchmarks/cuda_graph_check.py (GRAPH_ARGS): graph vs eager mage engines -> cuda_graph_check.json
 #   eval          eval_accuracy.py on $CKPT: sglang engine (EVAL_ARGS) and reference engine on cuda (EVAL_REF_ARGS)
 #   robust-bg     benchmarks/robustness.py (ROBUST_ARGS) in the background; wait-robust waits for it
 #   tests         pytest -m gpu on the kernels, FlashInfer's LSE and block-causal prefill (not the e2e suite)
@@ -122,7 +122,7 @@ for job in "$@"; do
     wait-probe)
       wait "$probe_pid"; echo "probe rc=$?"; tail -14 "$R/retrieval_probe.log" ;;
     graphcheck)  # mage sparse steps under SGLang's dLLM CUDA graph vs eager (benchmarks/cuda_graph_check.py)
-      timeout "${GRAPH_TIMEOUT:-240}" python benchmarks/cuda_graph_check.py --out "$R/cuda_graph_check.json" \
+      timeout "${GRAPH_TIMEOUT:-240}" python benchmarks/cuda_graph_check.py --out "$R/cuda_graph_check.json" ${GRAPH_ARGS:-} \
         > "$R/cuda_graph_check.log" 2>&1; echo "graphcheck rc=$?"; tail -8 "$R/cuda_graph_check.log" ;;
     eval)  # the checkpoint through SGLang (EVAL_ARGS) and, at once, the reference engine for recall (EVAL_REF_ARGS)
       if [ -f "$CKPT/model.safetensors" ]; then
