@@ -67,7 +67,10 @@ BACKENDS = {
     "mage_quest": dict(attention_backend="mage", mage_selector="quest", disable_cuda_graph=True),
     "flashinfer": dict(attention_backend="flashinfer"),
     "triton": dict(attention_backend="triton", disable_cuda_graph=True),
+    # Not in issue 6's list: mage with --mage-graph-first-step (first steps replay from a graph too).
+    "mage_graph_first": dict(attention_backend="mage", mage_graph_first_step=True),
 }
+DEFAULT_BACKENDS = ["mage", "mage_quest", "flashinfer", "triton"]
 
 
 def write_model(root: str, shape: str, context: int, model_class: str = "sdar") -> str:
@@ -114,7 +117,7 @@ def start_engine(shape: str, backend: str, points, root: str, model_class: str =
         model_path=write_model(root, shape, max_context, model_class), load_format="dummy", skip_tokenizer_init=True,
         dllm_algorithm="FixedSteps", dllm_algorithm_config=algo_cfg, max_running_requests=max(b for _, b in points),
         context_length=max_context + 4096, mem_fraction_static=0.85, random_seed=0, log_level="warning",
-        **BACKENDS[backend], **({"mage_k": 512} if backend.startswith("mage") else {}), **engine_kwargs,
+        **{**BACKENDS[backend], **({"mage_k": 512} if backend.startswith("mage") else {}), **engine_kwargs},
     )
 
 
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 65536, 131072])
     ap.add_argument("--batch16-contexts", nargs="*", type=int, default=[32768, 131072],
                     help="batch-16 contexts (1.5B shape only); none: batch 1 only")
-    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    ap.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS, choices=list(BACKENDS))
     ap.add_argument("--blocks", type=int, default=4, help="extra blocks timed per measurement")
     ap.add_argument("--model-class", choices=MODEL_CLASSES, default="sdar",
                     help="sdar: every shape as an SDARForCausalLM body (CUDA-graph capturable); native: its own class")
@@ -258,7 +261,7 @@ def plot(result: dict, path: str) -> None:
     fig = Figure(figsize=(5.5 * (len(shapes) + 1), 4.5))
     axes = fig.subplots(1, len(shapes) + 1, squeeze=False)
     for ax, shape in zip(axes[0], shapes):
-        for backend in BACKENDS:
+        for backend in [b for b in BACKENDS if any(r["backend"] == b for r in rows)]:
             pts = sorted((r["context"], r["block_ms"]) for r in rows if r["shape"] == shape
                          and r["backend"] == backend and r["batch"] == 1 and r["block_ms"] is not None)
             if pts:

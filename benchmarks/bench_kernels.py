@@ -12,7 +12,8 @@ views it) with shuffled slots, every request at `context` prefix tokens plus one
   dense_step       = flashinfer_dense, listed again as the first step's baseline
 `gbps` is the bytes the method must read (K/V it attends to, bf16; plus the bounds for quest) over its time.
 `us` is eager (do_bench around the Python call: host launch gaps included, which dominate small steps);
-`us_graph` the same call replayed from a CUDA graph, as the engine's captured steps run (dense and sparse).
+`us_graph` the same call replayed from a CUDA graph, as the engine's captured steps run (dense, sparse, and
+the first step as --mage-graph-first-step runs it).
 Writes benchmarks/results/kernels.json (rows {context, k, B, batch, q_heads, kv_heads, head_dim, method, us,
 gbps}) and prints a table. `--split-sweep N...` also times mage_sparse from a CUDA graph at each given
 key-split count (the JSON's `split_sweep` list, rows carry `num_splits`; `num_splits` on the mage_sparse row
@@ -128,14 +129,15 @@ def measure(shape, context, B, batch, ks, with_reference, split_sweep=()):
                                   scale, B, context, lse_is_log2=True)
             select_topk(s, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens)
 
-        row("mage_first_step", k, bench(first_step), dense_bytes + batch * context * hkv * d * 2, selector="mean")
+        row("mage_first_step", k, bench(first_step), dense_bytes + batch * context * hkv * d * 2,
+            bench_graph(first_step), selector="mean")
 
         def fused_step():
             _, s = fused_first_step(p["q"], p["k"], p["v"], p["qo_indptr"], p["req_to_token"], p["rows"],
                                     p["prefix"], scale, B, context)
             select_topk(s, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens)
 
-        row("mage_first_step", k, bench(fused_step), dense_bytes, selector="fused")
+        row("mage_first_step", k, bench(fused_step), dense_bytes, bench_graph(fused_step), selector="fused")
         splits = default_num_splits(batch, hkv, g, B, cap, d)
         ws = alloc_workspace(batch, hkv, B, g, d, splits, "cuda")
         out = torch.empty_like(p["q"])

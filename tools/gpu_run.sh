@@ -11,6 +11,7 @@
 #   tests         pytest -m gpu on the kernels, FlashInfer's LSE and block-causal prefill (not the e2e suite)
 #   adapters      benchmarks/adapters_check.py -> adapters.json
 #   kernels       benchmarks/bench_kernels.py (KERNEL_ARGS) -> kernels.json
+#   first-step    benchmarks/bench_first_step.py (FIRST_STEP_ARGS) -> first_step.json: P4's parts and tile sweep
 #   e2e           benchmarks/bench_e2e.py (E2E_ARGS) -> e2e.json
 #   radix         benchmarks/bench_radix_rounds.py (the host's CPU) -> radix_rounds.json
 #   wait-train    wait for train-bg, then evaluate the checkpoint (eval_accuracy.py, EVAL_ARGS)
@@ -159,6 +160,9 @@ for job in "$@"; do
     kernels)
       timeout "${KERNELS_TIMEOUT:-420}" python benchmarks/bench_kernels.py --out "$R/kernels.json" ${KERNEL_ARGS:-} \
         > "$R/kernels.log" 2>&1; tail -4 "$R/kernels.log" ;;
+    first-step)
+      timeout "${FIRST_STEP_TIMEOUT:-300}" python benchmarks/bench_first_step.py --out "$R/first_step.json" \
+        ${FIRST_STEP_ARGS:-} > "$R/first_step.log" 2>&1; echo "first-step rc=$?"; tail -6 "$R/first_step.log" ;;
     tp2)
       NCCL_NVLS_ENABLE=0 timeout "${TP2_TIMEOUT:-480}" python benchmarks/tp2_check.py --out "$R/tp2.json" ${TP2_ARGS:-} \
         > "$R/tp2.log" 2>&1; echo "tp2 rc=$?"; grep -v "Ignore import" "$R/tp2.log" | tail -10 ;;

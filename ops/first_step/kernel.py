@@ -74,15 +74,17 @@ def _fused_first_step_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < key_end
         slot = tl.load(R2T + pool * stride_r2t + offs_n, mask=n_ok, other=0).to(tl.int64)
-        kt = tl.load(K + slot[None, :] * stride_ks + h * stride_kh + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        # Gathered as [N, D], each slot's row read contiguously (coalesced), and transposed in registers.
+        k = tl.load(K + slot[:, None] * stride_ks + h * stride_kh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        kt = tl.trans(k)
         if IEEE_DOT:
             qk = tl.dot(q, kt, input_precision="ieee")
         else:
             qk = tl.dot(q, kt)
         qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
         if write_scores:
-            s = tl.sum(qbar[:, None] * kt.to(tl.float32), axis=0) * score_scale
+            s = tl.sum(qbar[None, :] * k.to(tl.float32), axis=1) * score_scale
             in_prefix = offs_n < prefix
             tl.store(SCORES + r * stride_sr + h * stride_sh + offs_n, s, mask=in_prefix)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -110,6 +112,13 @@ def _fused_first_step_kernel(
         tl.store(LSE + r.to(tl.int64) * stride_lr + h * stride_lh + split * stride_ls + offs_m, lse, mask=row_ok)
 
 
+def default_fused_splits(n_req: int, hkv: int, rows: int, block_m: int, max_prefix: int, block_size: int) -> int:
+    """Key splits per (request, KV head, row tile): enough programs for about two waves, none too short."""
+    programs = n_req * hkv * triton.cdiv(rows, block_m)
+    by_keys = max(1, (max_prefix + block_size) // _MIN_KEYS_PER_SPLIT)
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), by_keys, _MAX_SPLITS))
+
+
 def fused_first_step(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -124,13 +133,18 @@ def fused_first_step(
     out: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
     num_splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each block over its prefix + itself (bidirectional), plus the block-mean query's
     logit (times sm_scale) against every prefix key.
 
     q: [T, Hq, D], request r's block at rows qo_indptr[r]:qo_indptr[r+1] (every block `block_size` rows);
     k_buffer/v_buffer: [S, Hkv, D/Dv], with the block's own K/V already written at req_to_token[pool,
-    prefix:prefix+ext]. Returns (out [T, Hq, Dv], scores [R, Hkv, max_prefix] fp32, -inf past a prefix)."""
+    prefix:prefix+ext]. Returns (out [T, Hq, Dv], scores [R, Hkv, max_prefix] fp32, -inf past a prefix).
+    block_m / block_n / num_warps / num_stages override the tile (benchmarks/bench_first_step.py sweeps them)."""
     t, hq, d = q.shape
     hkv, dv = k_buffer.shape[1], v_buffer.shape[2]
     r = qo_indptr.shape[0] - 1
@@ -146,12 +160,13 @@ def fused_first_step(
         return out, scores
     qbar = q.float().view(r, block_size, hkv, group, d).mean(dim=(1, 3)).contiguous()
     rows = block_size * group
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if block_m is None:
+        block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if block_n is None:
+        block_n = 64 if max(d, dv) <= 128 else 32
     num_m_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
-        programs = r * hkv * num_m_tiles
-        by_keys = max(1, (max_prefix + block_size) // _MIN_KEYS_PER_SPLIT)
-        num_splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), by_keys, _MAX_SPLITS))
+        num_splits = default_fused_splits(r, hkv, rows, block_m, max_prefix, block_size)
     direct = num_splits == 1
     if direct:
         o_part = lse = out  # unused on this path
@@ -167,9 +182,10 @@ def fused_first_step(
         q.stride(0), q.stride(1), qbar.stride(0), qbar.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), out.stride(0), out.stride(1), scores.stride(0), scores.stride(1),
         req_to_token.stride(0), *part_strides, *lse_strides, sm_scale * _LOG2E, sm_scale, num_m_tiles, num_splits,
-        G=group, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=block_m, BLOCK_N=64 if max(d, dv) <= 128 else 32,
+        G=group, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=block_dv,
         IEEE_DOT=q.dtype == torch.float32, DIRECT=direct,
+        **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None},
     )
     if not direct:
         merge_m = min(block_m, 32)

@@ -10,7 +10,7 @@ from .reference import (
     vote_candidates_ref,
 )
 from .scores import block_mean_scores
-from .topk import forced_mask, select_topk, write_selection
+from .topk import forced_mask, select_topk, topk_indices, write_selection
 from .vote import (
     adaptive_budgets,
     layer_score,
@@ -36,6 +36,7 @@ __all__ = [
     "row_probs_ref",
     "select_by_votes",
     "select_topk",
+    "topk_indices",
     "vote_candidates",
     "vote_candidates_ref",
     "write_selection",

@@ -122,6 +122,9 @@ def block_mean_scores(
     max_prefix: int,
     out: torch.Tensor | None = None,
     lse_is_log2: bool = False,
+    block_n: int | None = None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Block-average attention probability of every prefix position, per (request, kv head).
 
@@ -142,6 +145,7 @@ def block_mean_scores(
         out: optional [R, Hkv, ≥max_prefix] fp32 destination (may be strided); columns ≥ max_prefix untouched.
         lse_is_log2: the LSE is log2 of the sum of exp (FlashInfer's convention for its returned LSE),
             not the natural log; it is then used as is, with no conversion pass.
+        block_n, block_m, num_warps: override the tile (benchmarks/bench_first_step.py sweeps them).
 
     Returns:
         scores [R, Hkv, max_prefix] fp32 (a view of `out` when given).
@@ -169,9 +173,11 @@ def block_mean_scores(
     if R == 0 or max_prefix == 0 or Hkv == 0:
         return out
 
-    block_m = min(_MAX_BLOCK_M, max(16, _next_pow2(max(max_extend_len, 1) * G)))
+    if block_m is None:
+        block_m = min(_MAX_BLOCK_M, max(16, _next_pow2(max(max_extend_len, 1) * G)))
+    block_n = block_n or _BLOCK_N
     block_d = max(16, _next_pow2(D))
-    grid = (triton.cdiv(max_prefix, _BLOCK_N), R, Hkv)
+    grid = (triton.cdiv(max_prefix, block_n), R, Hkv)
     _block_mean_scores_kernel[grid](
         q,
         k_buffer,
@@ -197,8 +203,8 @@ def block_mean_scores(
         HEAD_DIM=D,
         BLOCK_D=block_d,
         BLOCK_M=block_m,
-        BLOCK_N=_BLOCK_N,
+        BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32,
-        num_warps=_NUM_WARPS,
+        num_warps=num_warps or _NUM_WARPS,
     )
     return out
