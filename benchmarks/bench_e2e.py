@@ -10,6 +10,9 @@ graph), triton (eager). `roofline_bound` is benchmarks/roofline.py's bound on ma
 shape and size (memory only), `compute_aware_bound` the same with FLOPs counted (roofline.py's docstring);
 `speedup_vs_flashinfer` and `fraction_of_bound` are the figures issue 6 states targets in.
 Every shape runs as an SDARForCausalLM body by default (`--model-class`, see MODEL_CLASSES for why).
+`mage_graph_first` (not in the default list) is mage with --mage-graph-first-step. Every engine runs with
+sglang_mage/forward_profile.py on: the JSON's `forward_profiles` has, per engine and group of forwards
+(graph/eager, tokens, context), the median GPU time, host time inside the forward and start-to-start time.
 
 Writes benchmarks/results/e2e.json after every point (rows {shape, context, batch, backend, block_ms,
 tokens_per_s, roofline_bound, ...}), prints a table, and plots benchmarks/results/e2e.png. GPU only.
@@ -20,6 +23,7 @@ Usage: python benchmarks/bench_e2e.py [--shapes fast-dllm-v2-1.5b] [--contexts 8
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -30,6 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from results_io import write_json  # noqa: E402
 from roofline import SHAPES, compute_aware_bound, roofline_bound  # noqa: E402
+
+from sglang_mage.forward_profile import ENV as PROFILE_ENV  # noqa: E402
 
 # Hugging Face configs at each shape (Qwen2.5 bodies for Fast-dLLM v2, Qwen3 for SDAR); weights are dummy.
 # Layer and head counts come from roofline.SHAPES, so the bound and the engine describe the same model.
@@ -150,6 +156,19 @@ def warm_up(engine, shape: str) -> None:
                     sampling_params={"max_new_tokens": 2 * BLOCK[shape], "ignore_eos": True})
 
 
+def read_profiles(root: str, shape: str, backend: str) -> dict:
+    """The forward profiles (sglang_mage/forward_profile.py) that an engine's processes wrote: per group of
+    forwards the count and median GPU, host-inside-forward and start-to-start times."""
+    groups = {}
+    for path in sorted(glob.glob(os.path.join(root, f"profile-{shape}-{backend}-*.json"))):
+        try:
+            with open(path) as f:
+                groups.update(json.load(f)["groups"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return groups
+
+
 def add_ratios(rows: list[dict]) -> None:
     """speedup over flashinfer (with its graph) at the same point, and that speedup as a fraction of the
     roofline bound: the quantities issue 6's P2, P3 and P5 are stated in."""
@@ -203,13 +222,14 @@ def main(argv=None) -> int:
                                            "untimed; the baselines' chunks attend bidirectionally",
                          "radix_rounds": "incremental radix caching of dLLM rounds for every backend "
                                          "(sglang_mage/radix_rounds.py, SGLANG_MAGE_BENCH_ANY_BACKEND=1)"},
-              "rows": []}
+              "rows": [], "forward_profiles": {}}
     rows, root = result["rows"], tempfile.mkdtemp(prefix="mage-e2e-")
     bar = tqdm(total=sum(len(p) for *_, p in runs), desc="e2e", unit="point")
     for shape, backend, points in runs:
         engine, error = None, None
         try:
             extra = {"mage_graph_first_step": True} if args.mage_graph_first_step and backend.startswith("mage") else {}
+            os.environ[PROFILE_ENV] = os.path.join(root, f"profile-{shape}-{backend}-{{pid}}.json")
             engine = start_engine(shape, backend, points, root, args.model_class, **extra)
             warm_up(engine, shape)
         except Exception as e:  # noqa: BLE001 - an engine that cannot start is rows with an error, not a crash
@@ -235,6 +255,8 @@ def main(argv=None) -> int:
             write_json(args.out, result)  # after every point: a run cut at the device's limit keeps what it measured
         if engine is not None:
             engine.shutdown()
+        result["forward_profiles"][f"{shape}/{backend}"] = read_profiles(root, shape, backend)
+        write_json(args.out, result)
     bar.close()
     print(f"{'shape':>18} {'ctx':>7} {'bs':>3} {'backend':>11} {'block ms':>9} {'tok/s':>9} {'x fi':>6} {'bound':>6}")
     for r in rows:

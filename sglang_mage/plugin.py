@@ -45,6 +45,7 @@ def register() -> None:
 
         from .chunked_prefill import register_chunked_prefill_hooks
         from .compat import check_sglang_version
+        from .forward_profile import register_forward_profile_hook
         from .hooks import register_server_args_hooks
         from .model_adapters.fast_dllm_v2 import register_fast_dllm_v2
         from .model_adapters.registry import install_dllm_config_hook
@@ -56,6 +57,7 @@ def register() -> None:
         register_server_args_hooks()
         register_chunked_prefill_hooks()
         register_radix_rounds_hook()
+        register_forward_profile_hook()
         register_schedules()
         install_dllm_config_hook()
         register_fast_dllm_v2()
