@@ -36,7 +36,9 @@ SCORE_TILES = [(128, 32, 4), (64, 32, 4), (256, 32, 8), (128, 64, 8), (256, 64, 
 TOPK_CHUNKS = [None, 4096, 8192, 16384]
 # (block_m, block_n, num_warps, num_stages, split multiplier over the default split count)
 FUSED_TILES = [(64, 64, 4, 2, 1), (64, 64, 4, 3, 1), (128, 64, 8, 2, 1), (128, 64, 8, 3, 1), (64, 128, 8, 2, 1),
-               (128, 128, 8, 2, 1), (64, 64, 4, 2, 2), (128, 64, 8, 2, 2)]
+               (128, 128, 8, 2, 1), (64, 64, 4, 2, 2), (128, 64, 8, 2, 2),
+               # one row tile holds all B x G rows of a KV head, so K and V are read once (not once per tile)
+               (256, 32, 8, 2, 1), (256, 64, 16, 2, 1)]
 
 
 def measure(name, context, batch, k, B=32, quick=False):
