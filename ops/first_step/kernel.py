@@ -112,6 +112,16 @@ def _fused_first_step_kernel(
         tl.store(LSE + r.to(tl.int64) * stride_lr + h * stride_lh + split * stride_ls + offs_m, lse, mask=row_ok)
 
 
+def default_fused_block_m(rows: int) -> int:
+    """Of 64 and 128, the row tile that pads a KV head's B x G rows least; on a tie 128, which re-reads K and V
+    fewer times. From benchmarks/bench_first_step.py on the H200 (`results/first_step.json`, B=32, graph
+    replay, 3 stages): 64 rows for the 1.5B shape's 192 (233 us at 128K against 291 us with 128) and 128
+    for the 7B shape's 224 (401 us against 526 us with 64)."""
+    if rows < 64:
+        return max(16, triton.next_power_of_2(rows))
+    return 64 if triton.cdiv(rows, 64) * 64 < triton.cdiv(rows, 128) * 128 else 128
+
+
 def default_fused_splits(n_req: int, hkv: int, rows: int, block_m: int, max_prefix: int, block_size: int) -> int:
     """Key splits per (request, KV head, row tile): enough programs for about two waves, none too short."""
     programs = n_req * hkv * triton.cdiv(rows, block_m)
@@ -161,9 +171,13 @@ def fused_first_step(
     qbar = q.float().view(r, block_size, hkv, group, d).mean(dim=(1, 3)).contiguous()
     rows = block_size * group
     if block_m is None:
-        block_m = min(64, max(16, triton.next_power_of_2(rows)))
+        block_m = default_fused_block_m(rows)
     if block_n is None:
         block_n = 64 if max(d, dv) <= 128 else 32
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
+    if num_stages is None:
+        num_stages = 3
     num_m_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = default_fused_splits(r, hkv, rows, block_m, max_prefix, block_size)
@@ -185,7 +199,7 @@ def fused_first_step(
         G=group, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=block_dv,
         IEEE_DOT=q.dtype == torch.float32, DIRECT=direct,
-        **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None},
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         merge_m = min(block_m, 32)
