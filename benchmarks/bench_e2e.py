@@ -4,13 +4,14 @@ For each (shape, backend) it starts one offline `sgl.Engine` with FixedSteps (8 
 commit pass per 32-token block). For each (context, batch) point it prefills `batch` prompts of `context`
 tokens (chunked prompt prefill for every backend, see start_engine; `prefill_s` records it), then times two generations of the same
 prompts from the warm radix cache: 1 block and 1 + N blocks. Their difference / N is the time per block
-(per-request overhead cancels). Backends: mage (mean selector, sparse steps replayed from
-the dLLM CUDA graph), mage_quest (eager: quest plans page bounds per forward), flashinfer (with its CUDA
+(per-request overhead cancels). Backends: mage (mean selector, first and sparse steps replayed
+from the dLLM CUDA graph), mage_quest (eager: quest plans page bounds per forward), flashinfer (with its CUDA
 graph), triton (eager). `roofline_bound` is benchmarks/roofline.py's bound on mage's gain for that row's
 shape and size (memory only), `compute_aware_bound` the same with FLOPs counted (roofline.py's docstring);
 `speedup_vs_flashinfer` and `fraction_of_bound` are the figures issue 6 states targets in.
 Every shape runs as an SDARForCausalLM body by default (`--model-class`, see MODEL_CLASSES for why).
-`mage_graph_first` (not in the default list) is mage with --mage-graph-first-step. Every engine runs with
+`mage_eager_first` and `mage_graph_first` (not in the default list) are mage with --no-mage-graph-first-step and
+--mage-graph-first-step: in run E (results/e2e.json) `mage` still had eager first steps. Every engine runs with
 sglang_mage/forward_profile.py on: the JSON's `forward_profiles` has, per engine and group of forwards
 (graph/eager, tokens, context), the median GPU time, host time inside the forward and start-to-start time.
 
@@ -35,6 +36,7 @@ sys.path.insert(0, HERE)
 from results_io import write_json  # noqa: E402
 from roofline import SHAPES, compute_aware_bound, roofline_bound  # noqa: E402
 
+from sglang_mage.config import MageConfig  # noqa: E402
 from sglang_mage.forward_profile import ENV as PROFILE_ENV  # noqa: E402
 
 # Hugging Face configs at each shape (Qwen2.5 bodies for Fast-dLLM v2, Qwen3 for SDAR); weights are dummy.
@@ -69,11 +71,13 @@ def model_config(shape: str, model_class: str = "sdar") -> dict:
                    head_dim=cfg["hidden_size"] // cfg["num_attention_heads"])
     return cfg
 BACKENDS = {
-    "mage": dict(attention_backend="mage"),  # sparse steps replay from the dLLM CUDA graph
+    "mage": dict(attention_backend="mage"),  # first and sparse steps replay from the dLLM CUDA graph
     "mage_quest": dict(attention_backend="mage", mage_selector="quest", disable_cuda_graph=True),
     "flashinfer": dict(attention_backend="flashinfer"),
     "triton": dict(attention_backend="triton", disable_cuda_graph=True),
-    # Not in issue 6's list: mage with --mage-graph-first-step (first steps replay from a graph too).
+    # Not in issue 6's list. mage_eager_first: mage with its first steps eager (--no-mage-graph-first-step,
+    # the default before run E). mage_graph_first: the flag given explicitly (run E's name for the default).
+    "mage_eager_first": dict(attention_backend="mage", mage_graph_first_step=False),
     "mage_graph_first": dict(attention_backend="mage", mage_graph_first_step=True),
 }
 DEFAULT_BACKENDS = ["mage", "mage_quest", "flashinfer", "triton"]
@@ -191,8 +195,6 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=4, help="extra blocks timed per measurement")
     ap.add_argument("--model-class", choices=MODEL_CLASSES, default="sdar",
                     help="sdar: every shape as an SDARForCausalLM body (CUDA-graph capturable); native: its own class")
-    ap.add_argument("--mage-graph-first-step", action="store_true",
-                    help="mage backends replay first steps from the CUDA graph too (experimental)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "e2e.json"))
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results file (no GPU needed)")
     args = ap.parse_args(argv)
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
     result = {"environment": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "sglang": sglang.__version__},
               "config": {"algorithm": "FixedSteps (8 steps per 32-token block; 4 for B=4)", "mage_k": 512,
-                         "mage_graph_first_step": args.mage_graph_first_step,
+                         "mage_graph_first_step_default": MageConfig().graph_first_step,
                          "blocks_timed": args.blocks, "weights": "dummy", "model_class": args.model_class,
                          "architectures": {sh: model_config(sh, args.model_class)["architectures"][0]
                                            for sh in args.shapes},
@@ -228,9 +230,8 @@ def main(argv=None) -> int:
     for shape, backend, points in runs:
         engine, error = None, None
         try:
-            extra = {"mage_graph_first_step": True} if args.mage_graph_first_step and backend.startswith("mage") else {}
             os.environ[PROFILE_ENV] = os.path.join(root, f"profile-{shape}-{backend}-{{pid}}.json")
-            engine = start_engine(shape, backend, points, root, args.model_class, **extra)
+            engine = start_engine(shape, backend, points, root, args.model_class)
             warm_up(engine, shape)
         except Exception as e:  # noqa: BLE001 - an engine that cannot start is rows with an error, not a crash
             error = f"engine start: {type(e).__name__}: {e}"[:400]
@@ -292,11 +293,23 @@ def plot(result: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     ax = axes[0][-1]
-    mage = [r for r in rows if r["backend"] == "mage" and r.get("speedup_vs_flashinfer")]
-    labels = [f"{r['shape'].replace('fast-dllm-v2-', '')}\n{r['context'] // 1024}K x{r['batch']}" for r in mage]
-    xs = range(len(mage))
-    ax.bar([x - 0.2 for x in xs], [r["speedup_vs_flashinfer"] for r in mage], 0.4, label="mage / flashinfer")
-    ax.bar([x + 0.2 for x in xs], [r["roofline_bound"] for r in mage], 0.4, label="roofline bound")
+    # One group of bars per measured point: each mage variant's speedup over flashinfer, then the bound.
+    variants = [b for b in BACKENDS if b.startswith("mage") and b != "mage_quest"
+                and any(r["backend"] == b and r.get("speedup_vs_flashinfer") for r in rows)]
+    points = sorted({(r["shape"], r["context"], r["batch"]) for r in rows
+                     if r["backend"] in variants and r.get("speedup_vs_flashinfer")})
+    labels = [f"{sh.replace('fast-dllm-v2-', '')}\n{c // 1024}K x{b}" for sh, c, b in points]
+    xs = range(len(points))
+    width = 0.8 / (len(variants) + 1)
+    for i, b in enumerate(variants + ["roofline bound"]):
+        vals = []
+        for pt in points:
+            hit = [r for r in rows if (r["shape"], r["context"], r["batch"]) == pt
+                   and (r["backend"] == b or (b == "roofline bound" and r["backend"] in variants))]
+            key = "roofline_bound" if b == "roofline bound" else "speedup_vs_flashinfer"
+            vals.append(hit[0][key] if hit and hit[0].get(key) else 0)
+        ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], vals, width,
+               label=b if b == "roofline bound" else f"{b} / flashinfer")
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set(ylabel="speedup per block", title="mage vs the memory roofline")
     ax.legend()

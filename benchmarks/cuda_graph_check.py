@@ -5,10 +5,11 @@ Two `sgl.Engine`s on the dummy-weight tiny SDAR model, identical but for `disabl
 five prompts over at most four running requests (so some replays pad the batch). Checks: the same greedy
 tokens; the graph engine replayed sparse forwards (`graph_sparse_forwards` in $SGLANG_MAGE_STATS_PATH) and
 the eager one never did; both ran the same number of sparse forwards; the index cache ends empty.
-`--graph-first-step` turns on --mage-graph-first-step in the graph engine and also checks that it replayed
+The graph engine replays first steps too (--mage-graph-first-step, the default; `--no-graph-first-step` keeps
+them eager), and the check then also requires that it replayed
 first steps (`graph_first_forwards`) with the same tokens.
 
-Usage: python benchmarks/cuda_graph_check.py [--algorithm LowConfidence] [--graph-first-step] [--out PATH]
+Usage: python benchmarks/cuda_graph_check.py [--algorithm LowConfidence] [--no-graph-first-step] [--out PATH]
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def run(model_dir, algorithm, ids, stats_path, graph: bool, graph_first_step: bo
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--algorithm", default="LowConfidence")
-    ap.add_argument("--graph-first-step", action="store_true", help="the graph engine replays first steps too")
+    ap.add_argument("--graph-first-step", action=argparse.BooleanOptionalAction, default=True,
+                    help="the graph engine replays first steps too (default)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="mage-graph-")

@@ -55,9 +55,10 @@ class MageConfig:
     # total). None: SGLang's --chunked-prefill-size (else --max-prefill-tokens). 0: one block per forward,
     # as upstream. See `resolve_prefill_chunk_tokens` for the rounding and the cap.
     prefill_chunk_size: int | None = None
-    # Experimental, not yet run on a GPU: also capture a block's first step (exact attention + `mean`
-    # selection at a fixed capacity) in the dLLM CUDA graph, so it replays instead of running eagerly.
-    graph_first_step: bool = False
+    # Also capture a block's first step (exact attention + `mean` selection at a fixed capacity, the context
+    # length) in the dLLM CUDA graph, so it replays instead of running eagerly. On by default since the H200
+    # runs: greedy tokens equal to eager (cuda_graph_check.json) and faster at every e2e point (e2e.json).
+    graph_first_step: bool = True
 
     def __post_init__(self) -> None:
         def need(cond: bool, flag: str, msg: str, value: Any) -> None:
@@ -169,7 +170,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mage-force-sparse", action="store_true", default=None,
                    help="Testing: send every step after the first through the sparse kernel, even when exact.")
     g.add_argument("--mage-graph-first-step", action=argparse.BooleanOptionalAction, default=None,
-                   help="Experimental: also replay a block's first step (exact attention + mean selection at the "
+                   help="Also replay a block's first step (exact attention + mean selection at the "
                         f"context-length capacity) from the dLLM CUDA graph (default {d.graph_first_step}).")
     g.add_argument("--mage-prefill-chunk-size", type=int, default=None,
                    help="dLLM prompt prefill: tokens of mask-free prompt blocks per forward, rounded down to whole "

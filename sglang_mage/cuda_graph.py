@@ -1,10 +1,10 @@
 """CUDA graphs for mage's DLLM_EXTEND steps (SGLang's dLLM decode graph, `DecodeCudaGraphRunner`).
 
 A sparse step is ~3 small kernels per layer (KV write, sparse attention, split merge) plus the model's own,
-so eager sparse steps are bound by launches; one graph replay per step removes that. Sparse steps replay;
-a block's first forward (exact attention + selection), prompt prefill and every dense forward stay eager,
-exactly as with the graph off. With --mage-graph-first-step (experimental, `mean` only) a first step
-replays too, from a second graph per batch size: FlashInfer's own captured DLLM_EXTEND prefill (its graph
+so eager sparse steps are bound by launches; one graph replay per step removes that. Sparse steps replay,
+and with --mage-graph-first-step (the default; `mean` selector only) so does a block's first forward
+(exact attention + selection); prompt prefill, dense forwards and other selectors' first steps stay eager,
+exactly as with the graph off. A first step replays from a second graph per batch size: FlashInfer's own captured DLLM_EXTEND prefill (its graph
 state and planning, as with --attention-backend flashinfer) for the exact pass, then scoring and top-k over
 a fixed width, the context length, so that nothing in it depends on a host value. hooks.py's
 capture_one_shape_around captures that variant and resolve_graph_variant_around picks it at replay.

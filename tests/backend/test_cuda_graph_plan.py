@@ -34,7 +34,8 @@ from sglang_mage.ops.sparse_attention import sparse_block_attention_ref
 
 B, HQ, HKV, D, LAYERS, MASK = 4, 4, 2, 32, 2, 7
 PREFIX = [40, 24]
-CFG = dict(k=8, sink_tokens=2, local_window=2, min_context=0)  # budget 12 < both prefixes
+# First steps eager here (the graph-first path is tests/backend/test_graph_first_step.py).
+CFG = dict(k=8, sink_tokens=2, local_window=2, min_context=0, graph_first_step=False)  # budget 12 < both prefixes
 
 
 def exact(q, k_buf, v_buf, r2t_rows, prefix, scale):
@@ -298,14 +299,14 @@ def test_dense_mask_free_and_block_causal_forwards_stay_eager(monkeypatch):
 
 def test_within_budget_and_min_context_steps_stay_eager_unless_forced_sparse(monkeypatch):
     for cfg, phases in [
-        (MageConfig(k=4096, min_context=0), [Phase.DENSE, Phase.DENSE]),
+        (MageConfig(k=4096, min_context=0, graph_first_step=False), [Phase.DENSE, Phase.DENSE]),
         (MageConfig(**{**CFG, "min_context": 100}), [Phase.DENSE, Phase.DENSE]),
     ]:
         w = World(monkeypatch, cfg)
         w.forward(w.batch())
         w.forward(w.batch())
         assert w.plans == phases and w.paths == ["eager", "eager"]
-    forced = World(monkeypatch, MageConfig(k=4096, min_context=0, force_sparse=True))
+    forced = World(monkeypatch, MageConfig(k=4096, min_context=0, force_sparse=True, graph_first_step=False))
     fbs = [forced.batch() for _ in range(2)]
     outs = [forced.forward(fb) for fb in fbs]
     assert forced.paths == ["eager", "graph"]

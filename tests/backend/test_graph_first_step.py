@@ -36,8 +36,8 @@ def flashinfer_graph_planning(monkeypatch):
 
 
 def test_first_step_replays_with_the_eager_output_and_selection(monkeypatch, flashinfer_graph_planning):
-    graph = World(monkeypatch, MageConfig(**CFG, graph_first_step=True), capture_bs=(2,))
-    eager = World(monkeypatch, MageConfig(**CFG), capture_bs=(2,))
+    graph = World(monkeypatch, MageConfig(**{**CFG, "graph_first_step": True}), capture_bs=(2,))
+    eager = World(monkeypatch, MageConfig(**{**CFG, "graph_first_step": False}), capture_bs=(2,))
     assert graph.backend.graph_first_capacity == CAPACITY and eager.backend.graph_first_capacity is None
     assert flashinfer_graph_planning == [("state", 2)]
     first = graph.batch()
@@ -68,14 +68,14 @@ def test_first_step_replays_with_the_eager_output_and_selection(monkeypatch, fla
 
 
 def test_a_batch_the_first_step_graph_cannot_hold_runs_eagerly(monkeypatch, flashinfer_graph_planning):
-    w = World(monkeypatch, MageConfig(**CFG, graph_first_step=True), capture_bs=(1,))
+    w = World(monkeypatch, MageConfig(**{**CFG, "graph_first_step": True}), capture_bs=(1,))
     w.forward(w.batch())  # two requests, only bs 1 captured
     assert w.paths == ["eager"] and w.backend.index_cache.stats.graph_first_forwards == 0
     assert w.backend.index_cache.stats.select_layer_calls == LAYERS
 
 
 def test_other_selectors_keep_eager_first_steps(monkeypatch, flashinfer_graph_planning):
-    w = World(monkeypatch, MageConfig(**CFG, selector="vote", graph_first_step=True), capture_bs=(2,))
+    w = World(monkeypatch, MageConfig(**{**CFG, "selector": "vote", "graph_first_step": True}), capture_bs=(2,))
     assert w.backend.graph_first_capacity is None and flashinfer_graph_planning == []
     w.forward(w.batch())
     w.forward(w.batch())
@@ -127,7 +127,7 @@ def test_first_step_capture_plans_flashinfer_and_touches_only_the_padding_row(mo
     from .test_cuda_graph_plan import HQ, D, no_host_sync
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    w = World(monkeypatch, MageConfig(**CFG, graph_first_step=True), capture_bs=(2,))
+    w = World(monkeypatch, MageConfig(**{**CFG, "graph_first_step": True}), capture_bs=(2,))
     backend, bs = w.backend, 2
     capture = SimpleNamespace(forward_mode=ForwardMode.DLLM_EXTEND, batch_size=bs,
                               req_pool_indices=torch.zeros(bs, dtype=torch.int64), seq_lens=torch.full((bs,), B),
