@@ -79,6 +79,7 @@ BACKENDS = {
     # the default before run E). mage_graph_first: the flag given explicitly (run E's name for the default).
     "mage_eager_first": dict(attention_backend="mage", mage_graph_first_step=False),
     "mage_graph_first": dict(attention_backend="mage", mage_graph_first_step=True),
+    "mage_radix_topk": dict(attention_backend="mage", mage_topk_method="radix"),  # --mage-topk-method radix
 }
 DEFAULT_BACKENDS = ["mage", "mage_quest", "flashinfer", "triton"]
 

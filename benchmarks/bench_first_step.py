@@ -6,7 +6,8 @@ Per point (shape, context, batch; B=32, k=512) every part is timed replayed from
   dense          FlashInfer's dense step (the baseline)
   exact_lse      the same pass returning the LSE (the `mean` selector's exact pass)
   scores         block_mean_scores, one row per tile config (block_n, block_m, num_warps)
-  topk           select_topk on those scores: torch.topk over the row, or two-stage with `chunk`
+  topk           select_topk on those scores: torch.topk over the row, two-stage with `chunk`, or the radix
+                 select of ops/selection/radix_topk.py (`method: radix`)
   mean_total     exact_lse + scores + topk at the default configs (what the engine runs)
   fused          fused_first_step + select_topk, one row per tile config (block_m, block_n, warps, stages,
                  splits); each config's output is checked against FlashInfer's and its scores against
@@ -78,6 +79,8 @@ def measure(name, context, batch, k, B=32, quick=False):
     for chunk in TOPK_CHUNKS[:1] if quick else TOPK_CHUNKS:
         row("topk", bench_graph(lambda: select_topk(scores, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"],
                                                     sel_slots, sel_lens, topk_chunk=chunk)), {"chunk": chunk})
+    row("topk", bench_graph(lambda: select_topk(scores, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"],
+                                                sel_slots, sel_lens, topk_method="radix")), {"method": "radix"})
 
     def mean_total():
         _, l2 = dense.run(p["q"], lse=True)

@@ -297,7 +297,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
             sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
             select_topk(
                 scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
-                forward_batch.req_pool_indices, sel_slots, sel_lens,
+                forward_batch.req_pool_indices, sel_slots, sel_lens, topk_method=cfg.topk_method,
             )
             self.index_cache.stats.select_layer_calls += 1
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
@@ -323,7 +323,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
             scores = quest_position_scores(q_mean, kmin, kmax, self.prefix_lens, cfg.quest_page_size, self.max_prefix)
             select_topk(
                 scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
-                forward_batch.req_pool_indices, sel_slots, sel_lens,
+                forward_batch.req_pool_indices, sel_slots, sel_lens, topk_method=cfg.topk_method,
             )
         elif self.vote is not None:
             self.vote.select(
@@ -337,7 +337,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
             )
             select_topk(
                 scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
-                forward_batch.req_pool_indices, sel_slots, sel_lens,
+                forward_batch.req_pool_indices, sel_slots, sel_lens, topk_method=cfg.topk_method,
             )
         if self.graph_mode == "eager":  # a replayed first step never reaches Python
             self.index_cache.stats.select_layer_calls += 1

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 ENV_VAR = "SGLANG_MAGE_CONFIG"
 SELECTORS = ("mean", "vote", "fused", "quest", "oracle", "dense")
+TOPK_METHODS = ("torch", "radix")
 
 
 class MageConfigError(ValueError):
@@ -38,6 +39,10 @@ class MageConfig:
     # `oracle` re-selects the `mean` top-k from every step's own exact attention (an exact pass per step, so
     # slower than dense: it bounds what any first-step selection can reach); `dense` never goes sparse.
     selector: str = "mean"
+    # How the k positions are ranked out of the scores: `torch` (torch.topk, then a sort) or `radix`
+    # (ops/selection/radix_topk.py: one Triton program per row, ascending output, no sort; CPU-tested,
+    # not yet timed on a GPU).
+    topk_method: str = "torch"
     # Below this prefix length a request's attention stays exact at every step.
     min_context: int = 2048
     # Whether the commit pass (the forward after the last [MASK] is filled, which writes the final KV)
@@ -73,6 +78,7 @@ class MageConfig:
         need(0 <= self.local_window <= 65536, "local-window", "must be in [0, 65536]", self.local_window)
         need(self.min_context >= 0, "min-context", "must be >= 0", self.min_context)
         need(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}", self.selector)
+        need(self.topk_method in TOPK_METHODS, "topk-method", f"must be one of {TOPK_METHODS}", self.topk_method)
         need(1 <= self.vote_min_k <= self.vote_max_k, "vote-min-k", "must be in [1, --mage-vote-max-k]", self.vote_min_k)
         need(self.vote_max_k <= 65536, "vote-max-k", "must be <= 65536", self.vote_max_k)
         need(1 <= self.quest_page_size <= 1024, "quest-page-size", "must be in [1, 1024]", self.quest_page_size)
@@ -161,6 +167,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mage-selector", choices=SELECTORS, default=None,
                    help="mean: block-average attention probability (MAGE v2); vote: union of per-row top-k ranked by "
                         f"votes with the layer-adaptive budget (MAGE v1). Default {d.selector}.")
+    g.add_argument("--mage-topk-method", choices=TOPK_METHODS, default=None,
+                   help="Top-k of the selection scores: torch (torch.topk + sort) or radix (a Triton radix select "
+                        f"per row, experimental). Default {d.topk_method}.")
     g.add_argument("--mage-min-context", type=int, default=None,
                    help=f"Prefix length below which attention stays exact (default {d.min_context}).")
     g.add_argument("--mage-sparse-commit", action=argparse.BooleanOptionalAction, default=None,

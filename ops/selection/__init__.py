@@ -10,6 +10,7 @@ from .reference import (
     vote_candidates_ref,
 )
 from .scores import block_mean_scores
+from .radix_topk import radix_topk_positions
 from .topk import forced_mask, select_topk, topk_indices, write_selection
 from .vote import (
     adaptive_budgets,
@@ -35,6 +36,7 @@ __all__ = [
     "row_probs_padded",
     "row_probs_ref",
     "select_by_votes",
+    "radix_topk_positions",
     "select_topk",
     "topk_indices",
     "vote_candidates",

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .radix_topk import radix_topk_positions
+
 _BLOCK = 1024
 
 
@@ -124,6 +126,7 @@ def write_selection(
     out_lens: torch.Tensor,
     cache_rows: torch.Tensor | None,
     topk_chunk: int | None = None,
+    topk_method: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep, per (r, h), the n_keep highest-key prefix positions, ascending, as slots in the index cache.
 
@@ -162,7 +165,10 @@ def write_selection(
         top = torch.where(torch.arange(n_top, device=device) >= lens_in.unsqueeze(-1), N, top)
         positions = top.sort(dim=-1).values
     else:
-        positions = topk_indices(keys, n_top, topk_chunk).sort(dim=-1).values
+        if topk_method == "radix":  # ascending already
+            positions = radix_topk_positions(keys.contiguous(), n_top)
+        else:
+            positions = topk_indices(keys, n_top, topk_chunk).sort(dim=-1).values
     positions = positions.contiguous()
     grid = (max(1, triton.cdiv(n_top, _BLOCK)), R * Hkv)
     _write_slots_kernel[grid](
@@ -202,6 +208,7 @@ def select_topk(
     out_lens: torch.Tensor,
     cache_rows: torch.Tensor | None = None,
     topk_chunk: int | None = None,
+    topk_method: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAGE v2 selection: sinks + local window + top-k of the rest, per (request, kv head).
 
@@ -218,6 +225,8 @@ def select_topk(
     prefix_r ≤ k + n_sink + n_local that is the whole prefix. The sinks and local window are always in, and
     the remaining K_total − |forced| entries are the highest-scoring other positions. The kept positions
     are written ascending, mapped to slots through req_to_token.
+    topk_method: "torch" (torch.topk, or two-stage with `topk_chunk`, then a sort) or "radix" (radix_topk.py:
+    one Triton program per row, ascending output; not yet timed on a GPU).
 
     Returns (positions [R, Hkv, K_total] int64, lens [R, Hkv] int32), as write_selection.
     """
@@ -231,5 +240,5 @@ def select_topk(
         )
     return write_selection(
         keys, prefix_lens, n_total, n_total, req_to_token, req_pool_indices, out_slots, out_lens, cache_rows,
-        topk_chunk,
+        topk_chunk, topk_method,
     )

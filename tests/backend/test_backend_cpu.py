@@ -83,9 +83,10 @@ def step(backend, w, q):
             for layer in w.layers]
 
 
-def test_first_step_is_exact_and_selects_then_later_steps_are_sparse(world):
+@pytest.mark.parametrize("topk_method", ["torch", "radix"])
+def test_first_step_is_exact_and_selects_then_later_steps_are_sparse(world, topk_method):
     w = world
-    backend = w.make(MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0))
+    backend = w.make(MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0, topk_method=topk_method))
     q1 = torch.randn(2 * B, HQ, D)
     out1 = step(backend, w, q1)
     assert backend.plan.phase == Phase.FIRST

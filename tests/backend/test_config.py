@@ -28,6 +28,8 @@ def test_defaults():
         ("local_window", -1, "--mage-local-window"),
         ("min_context", -1, "--mage-min-context"),
         ("selector", "lsh", "--mage-selector"),
+        ("topk_method", "heap", "--mage-topk-method"),
+        ("graph_first_step", "on", "--mage-graph-first-step"),
         ("quest_page_size", 0, "--mage-quest-page-size"),
         ("vote_min_k", 0, "--mage-vote-min-k"),
         ("vote_min_k", 4096, "--mage-vote-min-k"),  # above vote_max_k

@@ -141,7 +141,7 @@ def _kept(positions, lens, r, h):
     return positions[r, h, : int(lens[r, h])].tolist()
 
 
-def _check_topk(scores, prefix_lens, k, n_sink, n_local, kmax=None, seed=0, topk_chunk=None):
+def _check_topk(scores, prefix_lens, k, n_sink, n_local, kmax=None, seed=0, topk_chunk=None, topk_method="torch"):
     R, Hkv, N = scores.shape
     gen = torch.Generator().manual_seed(seed)
     P = R + 2
@@ -154,7 +154,7 @@ def _check_topk(scores, prefix_lens, k, n_sink, n_local, kmax=None, seed=0, topk
     pl = torch.tensor(prefix_lens, dtype=torch.int32)
     scores_d, pl_d, r2t_d, pool_d, cache_d, lens_d, rows_d = _dev(scores, pl, r2t, pool, cache, lens_cache, cache_rows)
     positions, lens = select_topk(scores_d, pl_d, k, n_sink, n_local, r2t_d, pool_d, cache_d[:, 1], lens_d[:, 1], rows_d,
-                                  topk_chunk=topk_chunk)
+                                  topk_chunk=topk_chunk, topk_method=topk_method)
     positions, lens, cache, lens_cache = positions.cpu(), lens.cpu(), cache_d.cpu(), lens_d.cpu()
     k_total = min(k + n_sink + n_local, N)
     for r in range(R):
@@ -190,12 +190,13 @@ def _check_topk(scores, prefix_lens, k, n_sink, n_local, kmax=None, seed=0, topk
         ([1000], 64, 1, 32),
     ],
 )
-def test_select_topk_captures_top_mass(prefix_lens, k, n_sink, n_local):
+@pytest.mark.parametrize("topk_method", ["torch", "radix"])
+def test_select_topk_captures_top_mass(prefix_lens, k, n_sink, n_local, topk_method):
     gen = torch.Generator().manual_seed(len(prefix_lens) + k)
     N = max(prefix_lens) + 2
     scores = torch.rand((len(prefix_lens), 3, N), generator=gen)
     scores = torch.where(torch.arange(N) < torch.tensor(prefix_lens).view(-1, 1, 1), scores, float("-inf"))
-    _check_topk(scores, prefix_lens, k, n_sink, n_local)
+    _check_topk(scores, prefix_lens, k, n_sink, n_local, topk_method=topk_method)
 
 
 @pytest.mark.parametrize("prefix_lens", [[0, 1, 5, 40, 300, 1000], [90, 1000, 1001]])
