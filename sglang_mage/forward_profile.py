@@ -37,7 +37,7 @@ def context_bucket(total_tokens: int, batch: int) -> int:
 class ForwardProfile:
     def __init__(self, path: str, clock=time.perf_counter):
         self.path, self.clock = path, clock
-        self.pending: deque = deque()  # (key, start event, end event, host_ms), events not yet complete
+        self.pending: deque = deque()  # (key, start event, end event) of forwards whose events are not read yet
         self.samples: dict[str, dict[str, deque]] = defaultdict(
             lambda: {"gpu_ms": deque(maxlen=_KEEP), "host_ms": deque(maxlen=_KEEP), "period_ms": deque(maxlen=_KEEP)})
         self.counts: dict[str, int] = defaultdict(int)
@@ -125,6 +125,6 @@ def register_forward_profile_hook() -> None:
     from .compat import hook_when_imported
 
     # One file per process: a TP run has a scheduler per rank.
-    _profile = ForwardProfile(path if "{pid}" not in path else path.format(pid=os.getpid()))
+    _profile = ForwardProfile(path.replace("{pid}", str(os.getpid())))
     atexit.register(_profile.close)
     hook_when_imported(TARGET_MODULE, f"{TARGET_MODULE}.ModelRunner.forward", forward_around, HookType.AROUND)

@@ -175,7 +175,8 @@ def block_mean_scores(
 
     if block_m is None:
         block_m = min(_MAX_BLOCK_M, max(16, _next_pow2(max(max_extend_len, 1) * G)))
-    block_n = block_n or _BLOCK_N
+    if block_n is None:
+        block_n = _BLOCK_N
     block_d = max(16, _next_pow2(D))
     grid = (triton.cdiv(max_prefix, block_n), R, Hkv)
     _block_mean_scores_kernel[grid](
@@ -205,6 +206,6 @@ def block_mean_scores(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32,
-        num_warps=num_warps or _NUM_WARPS,
+        num_warps=_NUM_WARPS if num_warps is None else num_warps,
     )
     return out
