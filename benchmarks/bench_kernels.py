@@ -17,7 +17,8 @@ the first step as --mage-graph-first-step runs it).
 Writes benchmarks/results/kernels.json (rows {context, k, B, batch, q_heads, kv_heads, head_dim, method, us,
 gbps}) and prints a table. `--split-sweep N...` also times mage_sparse from a CUDA graph at each given
 key-split count (the JSON's `split_sweep` list, rows carry `num_splits`; `num_splits` on the mage_sparse row
-is the default the engine uses): the data for choosing default_num_splits(). GPU only.
+is the default the engine uses), at each `--tile-sweep` row x key tile given (rows carry block_m / block_n;
+None is the default tile): the data for choosing default_num_splits() and the tiles. GPU only.
 
 Usage: python benchmarks/bench_kernels.py [--quick] [--out PATH]
 """
@@ -92,7 +93,7 @@ def bench_graph(fn) -> float | None:
         return None
 
 
-def measure(shape, context, B, batch, ks, with_reference, split_sweep=()):
+def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_sweep=((None, None),)):
     from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.selection import block_mean_scores, select_topk
     from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
@@ -148,12 +149,13 @@ def measure(shape, context, B, batch, ks, with_reference, split_sweep=()):
             sparse_block_attention(*sparse_args, out=out, workspace=ws)
 
         row("mage_sparse", k, bench(sparse_step), sparse_bytes, bench_graph(sparse_step), num_splits=splits)
-        for n in split_sweep:
+        for (bm, bn), n in itertools.product(tile_sweep if split_sweep else (), split_sweep):
             ws_n = alloc_workspace(batch, hkv, B, g, d, n, "cuda") if n > 1 else None
-            us = bench_graph(lambda: sparse_block_attention(*sparse_args, out=out, num_splits=n, workspace=ws_n))
+            us = bench_graph(lambda: sparse_block_attention(*sparse_args, out=out, num_splits=n, workspace=ws_n,
+                                                            block_m=bm, block_n=bn))
             sweep.append({"context": context, "k": k, "B": B, "batch": batch, "q_heads": shape.q_heads,
                           "kv_heads": hkv, "head_dim": d, "num_splits": n, "default_splits": splits,
-                          "us_graph": None if us is None else round(us, 2),
+                          "block_m": bm, "block_n": bn, "us_graph": None if us is None else round(us, 2),
                           "gbps_graph": None if not us else round(sparse_bytes / (us * 1e-6) / 1e9, 1)})
         kmin, kmax = page_bounds(p["k"], p["req_to_token"], p["rows"], p["prefix"], QUEST_PAGE, context)
 
@@ -194,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--split-sweep", nargs="+", type=int, default=[], metavar="N",
                     help="also time mage_sparse (graph) at these key-split counts")
+    ap.add_argument("--tile-sweep", nargs="+", default=[], metavar="MxN",
+                    help="with --split-sweep: row x key tiles to sweep (e.g. 64x32 128x64); default tile if none")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -202,15 +206,17 @@ def main(argv=None) -> int:
     import flashinfer
     import triton
 
+    tiles = [tuple(int(x) for x in t.split("x")) for t in args.tile_sweep] or [(None, None)]
     rows, sweep = [], []
     grid = list(itertools.product(args.shapes, args.contexts, args.blocks, args.batches))
     for i, (name, context, B, batch) in enumerate(grid):
-        got, got_sweep = measure(SHAPES[name], context, B, batch, args.ks, not args.no_reference, args.split_sweep)
+        got, got_sweep = measure(SHAPES[name], context, B, batch, args.ks, not args.no_reference, args.split_sweep,
+                                 tiles)
         rows += got
         sweep += got_sweep
         for r in got_sweep:
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={r['k']:>5} "
-                  f"splits={r['num_splits']:>2} (default {r['default_splits']}): graph {r['us_graph']} us", flush=True)
+                  f"tile={r['block_m']}x{r['block_n']} splits={r['num_splits']:>2} (default {r['default_splits']}): graph {r['us_graph']} us", flush=True)
         for r in got:
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={str(r['k']):>5} "
                   f"{r['method']:>16}: {r['us']:9.1f} us {r['gbps']:8.1f} GB/s graph {r.get('us_graph')} us",

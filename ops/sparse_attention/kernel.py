@@ -222,13 +222,17 @@ def sparse_block_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Block queries attend to [selected prefix slots of their KV head | the block's own tokens].
 
     Shapes: q [T, Hq, D]; k_buffer/v_buffer [S, Hkv, D/Dv]; qo_indptr [R+1]; req_to_token [P, ctx];
     req_pool_indices/prefix_lens [R]; sel_slots [P', Hkv, K_max] and sel_lens [P', Hkv] (any strides,
     indexed by req_pool_indices). Every ext_len must be <= max_extend_len. With num_splits None the split
-    count is the workspace's if one is given, else default_num_splits(). No host sync: graph-capturable.
+    count is the workspace's if one is given, else default_num_splits(). block_m / block_n override the row
+    and key tiles (powers of two >= 16; for tile sweeps, `bench_kernels.py --split-sweep`). No host sync:
+    graph-capturable.
     """
     num_tokens, hq, head_dim = q.shape
     _, hkv, head_dim_k = k_buffer.shape
@@ -245,7 +249,10 @@ def sparse_block_attention(
     if num_reqs == 0:
         return out
 
-    rows, block_m, block_n, block_d, block_dv = _tile_sizes(group, max_extend_len, head_dim, head_dim_v)
+    rows, default_m, default_n, block_d, block_dv = _tile_sizes(group, max_extend_len, head_dim, head_dim_v)
+    for name, tile in (("block_m", block_m), ("block_n", block_n)):
+        assert tile is None or (tile >= 16 and tile & (tile - 1) == 0), f"{name} must be a power of two >= 16"
+    block_m, block_n = block_m or default_m, block_n or default_n
     num_m_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = workspace[0].shape[2] if workspace is not None else default_num_splits(

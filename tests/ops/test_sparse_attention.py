@@ -130,6 +130,20 @@ def test_num_splits(block, group, head_dim, num_splits):
     assert_close(out, ref, name=f"splits={num_splits}")
 
 
+@pytest.mark.parametrize("block_m,block_n,num_splits", [(16, 16, 1), (32, 16, 5), (64, 32, 2)], ids=str)
+def test_tile_overrides(block_m, block_n, num_splits):
+    # Row tiles smaller than B x G (several row programs per KV head) and key tiles smaller than the default.
+    inp = make_inputs(32, 2, 64, torch.float32, seed=11 + block_m + block_n, short_last=True)
+    out, ref = run_both(inp, num_splits=num_splits, block_m=block_m, block_n=block_n)
+    assert_close(out, ref, name=f"tile {block_m}x{block_n} splits={num_splits}")
+
+
+def test_tile_override_must_be_power_of_two():
+    inp = make_inputs(4, 2, 64, torch.float32, seed=1)
+    with pytest.raises(AssertionError, match="power of two"):
+        sparse_block_attention(**inp, block_n=48)
+
+
 def test_splits_outnumber_keys():
     # More splits than key tiles: most splits are empty and must contribute nothing (no NaN in the merge).
     inp = make_inputs(4, 2, 64, torch.float32, seed=3, short_last=True)
