@@ -6,8 +6,9 @@ Per point (shape, context, batch; B=32, k=512) every part is timed replayed from
   dense          FlashInfer's dense step (the baseline)
   exact_lse      the same pass returning the LSE (the `mean` selector's exact pass)
   scores         block_mean_scores, one row per tile config (block_n, block_m, num_warps)
-  topk           select_topk on those scores: torch.topk over the row, two-stage with `chunk`, or the radix
-                 select of ops/selection/radix_topk.py (`method: radix`)
+  topk           select_topk on those scores: torch.topk over the row (`method: torch`) or the radix select of
+                 ops/selection/radix_topk.py (`method: radix`); the keys and slot kernels included
+  radix_select   radix_topk_positions alone on the same keys, per digit width and chunk
   mean_total     exact_lse + scores + topk at the default configs (what the engine runs)
   fused          fused_first_step + select_topk, one row per tile config (block_m, block_n, warps, stages,
                  splits); each config's output is checked against FlashInfer's and its scores against
@@ -34,7 +35,6 @@ from roofline import SHAPES  # noqa: E402
 POINTS = [("fast-dllm-v2-7b", 131072, 1), ("fast-dllm-v2-1.5b", 131072, 1), ("fast-dllm-v2-1.5b", 32768, 16),
           ("fast-dllm-v2-1.5b", 131072, 16)]
 SCORE_TILES = [(128, 32, 4), (64, 32, 4), (256, 32, 8), (128, 64, 8), (256, 64, 8)]  # (block_n, block_m, warps)
-TOPK_CHUNKS = [None, 4096, 8192, 16384]
 # (block_m, block_n, num_warps, num_stages, split multiplier over the default split count)
 FUSED_TILES = [(64, 64, 4, 2, 1), (64, 64, 4, 3, 1), (128, 64, 8, 2, 1), (128, 64, 8, 3, 1), (64, 128, 8, 2, 1),
                (128, 128, 8, 2, 1), (64, 64, 4, 2, 2), (128, 64, 8, 2, 2),
@@ -46,6 +46,7 @@ def measure(name, context, batch, k, B=32, quick=False):
     from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.first_step.kernel import default_fused_splits
     from sglang_mage.ops.selection import block_mean_scores, select_topk
+    from sglang_mage.ops.selection.radix_topk import default_chunk, radix_topk_positions
 
     shape = SHAPES[name]
     p = make_pool(shape, batch, context, B)
@@ -76,11 +77,15 @@ def measure(name, context, batch, k, B=32, quick=False):
                                          lse_is_log2=True, block_n=bn, block_m=bm, num_warps=w)),
             {"block_n": bn, "block_m": bm, "num_warps": w})
     block_mean_scores(*args, lse, scale, B, context, out=scores, lse_is_log2=True)
-    for chunk in TOPK_CHUNKS[:1] if quick else TOPK_CHUNKS:
-        row("topk", bench_graph(lambda: select_topk(scores, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"],
-                                                    sel_slots, sel_lens, topk_chunk=chunk)), {"chunk": chunk})
+    row("topk", bench_graph(lambda: select_topk(scores, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"],
+                                                sel_slots, sel_lens)), {"method": "torch"})
     row("topk", bench_graph(lambda: select_topk(scores, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"],
                                                 sel_slots, sel_lens, topk_method="radix")), {"method": "radix"})
+    # The radix select alone (no key or slot kernels), at its digit widths and chunk sizes.
+    keys = scores.reshape(batch * hkv, context).contiguous()
+    for bits, chunk in [(8, None), (11, None)] + ([] if quick else [(8, 2048), (8, 8192), (11, 4096)]):
+        row("radix_select", bench_graph(lambda: radix_topk_positions(keys, cap, bits=bits, chunk=chunk)),
+            {"bits": bits, "chunk": chunk or default_chunk(batch * hkv, context)})
 
     def mean_total():
         _, l2 = dense.run(p["q"], lse=True)

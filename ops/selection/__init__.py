@@ -11,7 +11,7 @@ from .reference import (
 )
 from .scores import block_mean_scores
 from .radix_topk import radix_topk_positions
-from .topk import forced_mask, select_topk, topk_indices, write_selection
+from .topk import forced_mask, select_topk, write_selection
 from .vote import (
     adaptive_budgets,
     layer_score,
@@ -38,7 +38,6 @@ __all__ = [
     "select_by_votes",
     "radix_topk_positions",
     "select_topk",
-    "topk_indices",
     "vote_candidates",
     "vote_candidates_ref",
     "write_selection",

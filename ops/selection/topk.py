@@ -86,26 +86,6 @@ def _write_slots_kernel(
         tl.store(LENS_OUT + rh, n)
 
 
-def topk_indices(keys: torch.Tensor, n_top: int, chunk: int | None = None) -> torch.Tensor:
-    """Indices of the n_top largest keys along the last dim, unordered: torch.topk over the whole row, or,
-    with `chunk`, in two stages (top n_top of each chunk, then of those candidates). The two give the same
-    set up to ties: every element of a row's top n_top is within its own chunk's top n_top. The second form
-    trades one long radix select per row for many short ones, which keeps more of the GPU busy when a few
-    rows of 100K+ positions are ranked (benchmarks/bench_first_step.py times both)."""
-    n = keys.shape[-1]
-    if chunk is None or n_top > chunk or n <= 2 * chunk:
-        return torch.topk(keys, n_top, dim=-1, sorted=False).indices
-    n_chunks = triton.cdiv(n, chunk)
-    lead = keys.shape[:-1]
-    padded = torch.nn.functional.pad(keys, (0, n_chunks * chunk - n), value=float("-inf"))
-    vals, idx = torch.topk(padded.view(*lead, n_chunks, chunk), n_top, dim=-1, sorted=False)
-    idx = idx + torch.arange(0, n_chunks * chunk, chunk, device=keys.device).view(n_chunks, 1)
-    pick = torch.topk(vals.reshape(*lead, n_chunks * n_top), n_top, dim=-1, sorted=False).indices
-    # A pick in the padding (a row with fewer valid keys than n_top) is clamped into the row; such a row's
-    # readers stop at its length, which counts only valid positions, so a clamped duplicate is never read.
-    return idx.reshape(*lead, n_chunks * n_top).gather(-1, pick).clamp_(max=n - 1)
-
-
 def forced_mask(prefix_lens: torch.Tensor, n_pos: int, n_sink: int, n_local: int) -> torch.Tensor:
     """[R, 1, n_pos] bool: the attention sinks [0, n_sink) and the local window [prefix − n_local, prefix),
     both clipped to the prefix. An overlap of the two is one set of positions, so nothing is counted twice."""
@@ -125,7 +105,6 @@ def write_selection(
     out_slots: torch.Tensor,
     out_lens: torch.Tensor,
     cache_rows: torch.Tensor | None,
-    topk_chunk: int | None = None,
     topk_method: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep, per (r, h), the n_keep highest-key prefix positions, ascending, as slots in the index cache.
@@ -168,7 +147,7 @@ def write_selection(
         if topk_method == "radix":  # ascending already
             positions = radix_topk_positions(keys.contiguous(), n_top)
         else:
-            positions = topk_indices(keys, n_top, topk_chunk).sort(dim=-1).values
+            positions = torch.topk(keys, n_top, dim=-1, sorted=False).indices.sort(dim=-1).values
     positions = positions.contiguous()
     grid = (max(1, triton.cdiv(n_top, _BLOCK)), R * Hkv)
     _write_slots_kernel[grid](
@@ -207,7 +186,6 @@ def select_topk(
     out_slots: torch.Tensor,
     out_lens: torch.Tensor,
     cache_rows: torch.Tensor | None = None,
-    topk_chunk: int | None = None,
     topk_method: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAGE v2 selection: sinks + local window + top-k of the rest, per (request, kv head).
@@ -225,8 +203,9 @@ def select_topk(
     prefix_r ≤ k + n_sink + n_local that is the whole prefix. The sinks and local window are always in, and
     the remaining K_total − |forced| entries are the highest-scoring other positions. The kept positions
     are written ascending, mapped to slots through req_to_token.
-    topk_method: "torch" (torch.topk, or two-stage with `topk_chunk`, then a sort) or "radix" (radix_topk.py:
-    one Triton program per row, ascending output; not yet timed on a GPU).
+    topk_method: "torch" (torch.topk, then a sort) or "radix" (radix_topk.py: a multi-program radix select
+    whose output is ascending already). A two-stage torch.topk (per chunk, then over the candidates) was
+    slower than either at every point timed (benchmarks/results/first_step.json) and is gone.
 
     Returns (positions [R, Hkv, K_total] int64, lens [R, Hkv] int32), as write_selection.
     """
@@ -240,5 +219,5 @@ def select_topk(
         )
     return write_selection(
         keys, prefix_lens, n_total, n_total, req_to_token, req_pool_indices, out_slots, out_lens, cache_rows,
-        topk_chunk, topk_method,
+        topk_method,
     )

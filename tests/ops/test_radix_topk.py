@@ -26,11 +26,15 @@ def keys_for(kind, rows, n, gen):
 
 @pytest.mark.parametrize("kind", ["random", "padded", "ties", "signs"])
 @pytest.mark.parametrize("rows, n, n_top", [(1, 100, 7), (3, 5000, 300), (2, 4097, 4097), (4, 2048, 1), (2, 64, 0)])
-def test_radix_topk_matches_torch(kind, rows, n, n_top):
+@pytest.mark.parametrize("chunk, block, bits", [(None, 1024, 8), (256, 128, 8), (256, 128, 11)],
+                         ids=["default-chunk", "chunk256", "chunk256-bits11"])
+def test_radix_topk_matches_torch(kind, rows, n, n_top, chunk, block, bits):
+    # chunk256 cuts every row into many programs, so the cross-program passes (atomics, per-chunk offsets,
+    # ties that straddle chunks) carry the result.
     gen = torch.Generator().manual_seed(rows * n + n_top)
     keys = keys_for(kind, rows, n, gen)
     out = torch.full((rows, n_top), -1, dtype=torch.int64, device=DEVICE)  # unwritten entries stay -1
-    got = radix_topk_positions(keys.to(DEVICE), n_top, out=out).cpu()
+    got = radix_topk_positions(keys.to(DEVICE), n_top, out=out, chunk=chunk, block=block, bits=bits).cpu()
     assert got.shape == (rows, n_top)
     for r in range(rows):
         pos = got[r]
@@ -43,6 +47,19 @@ def test_radix_topk_matches_torch(kind, rows, n, n_top):
             ties = (keys[r] == kth).nonzero().flatten()
             n_ties_kept = int((keys[r][pos] == kth).sum())
             assert torch.equal(pos[keys[r][pos] == kth], ties[:n_ties_kept]), "lowest positions among ties"
+
+
+def test_default_chunk_fills_the_gpu_within_bounds():
+    from sglang_mage.ops.selection.radix_topk import default_chunk
+
+    assert default_chunk(4, 131072) == 2048  # batch 1, 4 KV heads: 256 programs
+    assert default_chunk(32, 131072) == 8192  # capped: 512 programs
+    assert default_chunk(1, 100) == 1024  # never below one block
+
+
+def test_chunk_must_be_a_multiple_of_block():
+    with pytest.raises(AssertionError, match="multiple"):
+        radix_topk_positions(torch.zeros(1, 300, device=DEVICE), 5, chunk=200, block=128)
 
 
 def test_radix_topk_leading_dims_and_strided_rows():

@@ -21,7 +21,6 @@ from sglang_mage.ops.selection import (  # noqa: E402
     row_probs_ref,
     select_by_votes,
     select_topk,
-    topk_indices,
     vote_candidates,
     vote_candidates_ref,
 )
@@ -141,7 +140,7 @@ def _kept(positions, lens, r, h):
     return positions[r, h, : int(lens[r, h])].tolist()
 
 
-def _check_topk(scores, prefix_lens, k, n_sink, n_local, kmax=None, seed=0, topk_chunk=None, topk_method="torch"):
+def _check_topk(scores, prefix_lens, k, n_sink, n_local, kmax=None, seed=0, topk_method="torch"):
     R, Hkv, N = scores.shape
     gen = torch.Generator().manual_seed(seed)
     P = R + 2
@@ -154,7 +153,7 @@ def _check_topk(scores, prefix_lens, k, n_sink, n_local, kmax=None, seed=0, topk
     pl = torch.tensor(prefix_lens, dtype=torch.int32)
     scores_d, pl_d, r2t_d, pool_d, cache_d, lens_d, rows_d = _dev(scores, pl, r2t, pool, cache, lens_cache, cache_rows)
     positions, lens = select_topk(scores_d, pl_d, k, n_sink, n_local, r2t_d, pool_d, cache_d[:, 1], lens_d[:, 1], rows_d,
-                                  topk_chunk=topk_chunk, topk_method=topk_method)
+                                  topk_method=topk_method)
     positions, lens, cache, lens_cache = positions.cpu(), lens.cpu(), cache_d.cpu(), lens_d.cpu()
     k_total = min(k + n_sink + n_local, N)
     for r in range(R):
@@ -197,24 +196,6 @@ def test_select_topk_captures_top_mass(prefix_lens, k, n_sink, n_local, topk_met
     scores = torch.rand((len(prefix_lens), 3, N), generator=gen)
     scores = torch.where(torch.arange(N) < torch.tensor(prefix_lens).view(-1, 1, 1), scores, float("-inf"))
     _check_topk(scores, prefix_lens, k, n_sink, n_local, topk_method=topk_method)
-
-
-@pytest.mark.parametrize("prefix_lens", [[0, 1, 5, 40, 300, 1000], [90, 1000, 1001]])
-def test_select_topk_two_stage_captures_top_mass(prefix_lens):
-    # chunk 64 against 1000+ positions: the two-stage top-k path, with rows shorter than the top-k width too.
-    gen = torch.Generator().manual_seed(len(prefix_lens))
-    N = max(prefix_lens) + 3
-    scores = torch.rand((len(prefix_lens), 2, N), generator=gen)
-    scores = torch.where(torch.arange(N) < torch.tensor(prefix_lens).view(-1, 1, 1), scores, float("-inf"))
-    _check_topk(scores, prefix_lens, 40, 4, 8, topk_chunk=64)
-
-
-@pytest.mark.parametrize("n, n_top, chunk", [(1000, 17, 64), (4096, 64, 64), (5000, 300, 1024), (129, 5, 64)])
-def test_topk_indices_two_stage_is_the_same_set(n, n_top, chunk):
-    keys = torch.randperm(3 * n, generator=torch.Generator().manual_seed(n)).float().view(3, n)  # no ties
-    want = torch.topk(keys, n_top, dim=-1).indices.sort(-1).values
-    got = topk_indices(keys.view(3, 1, n), n_top, chunk).view(3, n_top).sort(-1).values
-    assert torch.equal(got, want)
 
 
 def test_select_topk_k_total_clamped_to_max_prefix():
