@@ -33,7 +33,7 @@ from .kv_dump import ENV as KV_DUMP_ENV
 from .kv_dump import KVDumper
 from .ops.block_causal_prefill import later_in_block_merge
 from .ops.first_step import fused_first_step
-from .ops.selection import block_mean_scores, select_topk
+from .ops.selection import block_mean_scores, mean_query_scores, select_topk
 from .ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
 from .ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
 from .selectors import VoteSelector
@@ -192,7 +192,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
         if phase == Phase.FIRST and self.mage.selector == "fused":
-            return self._fused_first(q3, k, v, layer, forward_batch, save_kv_cache)
+            return self._fused_first(q, q3, k, v, layer, forward_batch, save_kv_cache)
         if phase == Phase.FIRST:
             o, lse = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
             self._select(q3, lse, layer, forward_batch)
@@ -282,16 +282,25 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         later_in_block_merge(q3, k3, v3, o, lse, self.block_size, layer.scaling)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
-    def _fused_first(self, q3, k, v, layer, forward_batch, save_kv_cache):
-        """`fused` selector: exact attention and block-mean-query scores in one Triton pass over K."""
-        if save_kv_cache and k is not None:
-            self._write_kv(layer, forward_batch, k, v)
-        k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+    def _fused_first(self, q, q3, k, v, layer, forward_batch, save_kv_cache):
+        """`fused` selector: exact attention and block-mean-query scores, in one Triton pass over K or (with
+        --mage-fused-pass two) FlashInfer's exact pass followed by a scores pass over K."""
         req_to_token = self.req_to_token_pool.req_to_token
-        o, scores = fused_first_step(
-            q3, k_buf, v_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
-            layer.scaling, self.block_size, max(self.max_prefix, 1),
-        )
+        if self.mage.fused_pass == "two":
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            k_buf, _ = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+            scores = mean_query_scores(
+                q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
+                layer.scaling, self.block_size, self.max_prefix,
+            ) if self.max_prefix else None
+        else:
+            if save_kv_cache and k is not None:
+                self._write_kv(layer, forward_batch, k, v)
+            k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+            o, scores = fused_first_step(
+                q3, k_buf, v_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
+                layer.scaling, self.block_size, max(self.max_prefix, 1),
+            )
         if self.max_prefix:
             cfg = self.mage
             sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 ENV_VAR = "SGLANG_MAGE_CONFIG"
 SELECTORS = ("mean", "vote", "fused", "quest", "oracle", "dense")
 TOPK_METHODS = ("torch", "radix")
+FUSED_PASSES = ("one", "two")
 
 
 class MageConfigError(ValueError):
@@ -40,9 +41,12 @@ class MageConfig:
     # slower than dense: it bounds what any first-step selection can reach); `dense` never goes sparse.
     selector: str = "mean"
     # How the k positions are ranked out of the scores: `torch` (torch.topk, then a sort) or `radix`
-    # (ops/selection/radix_topk.py: one Triton program per row, ascending output, no sort; CPU-tested,
-    # not yet timed on a GPU).
+    # (ops/selection/radix_topk.py: a radix select over many programs per row, ascending output, no sort).
     topk_method: str = "torch"
+    # `fused` only: `one` computes exact attention and the block-mean-query scores in one Triton pass over K
+    # (ops/first_step); `two` runs FlashInfer's exact attention, then the scores as a GEMV over K
+    # (ops/selection/mean_query_scores.py). Same scores; `two` reads K twice but keeps the faster dense kernel.
+    fused_pass: str = "one"
     # Below this prefix length a request's attention stays exact at every step.
     min_context: int = 2048
     # Whether the commit pass (the forward after the last [MASK] is filled, which writes the final KV)
@@ -79,6 +83,7 @@ class MageConfig:
         need(self.min_context >= 0, "min-context", "must be >= 0", self.min_context)
         need(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}", self.selector)
         need(self.topk_method in TOPK_METHODS, "topk-method", f"must be one of {TOPK_METHODS}", self.topk_method)
+        need(self.fused_pass in FUSED_PASSES, "fused-pass", f"must be one of {FUSED_PASSES}", self.fused_pass)
         need(1 <= self.vote_min_k <= self.vote_max_k, "vote-min-k", "must be in [1, --mage-vote-max-k]", self.vote_min_k)
         need(self.vote_max_k <= 65536, "vote-max-k", "must be <= 65536", self.vote_max_k)
         need(1 <= self.quest_page_size <= 1024, "quest-page-size", "must be in [1, 1024]", self.quest_page_size)
@@ -169,7 +174,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         f"votes with the layer-adaptive budget (MAGE v1). Default {d.selector}.")
     g.add_argument("--mage-topk-method", choices=TOPK_METHODS, default=None,
                    help="Top-k of the selection scores: torch (torch.topk + sort) or radix (a Triton radix select "
-                        f"per row, experimental). Default {d.topk_method}.")
+                        f"over many programs per row, output already ascending). Default {d.topk_method}.")
+    g.add_argument("--mage-fused-pass", choices=FUSED_PASSES, default=None,
+                   help="fused selector: one (exact attention and block-mean-query scores in one Triton pass) or two "
+                        f"(FlashInfer's exact attention, then the scores as a pass over K). Default {d.fused_pass}.")
     g.add_argument("--mage-min-context", type=int, default=None,
                    help=f"Prefix length below which attention stays exact (default {d.min_context}).")
     g.add_argument("--mage-sparse-commit", action=argparse.BooleanOptionalAction, default=None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..selection.reference import mean_query_scores_ref
+
 
 def fused_first_step_ref(q, k_buffer, v_buffer, qo_indptr, req_to_token, req_pool_indices, prefix_lens, sm_scale,
                          block_size, max_prefix):
@@ -11,7 +13,6 @@ def fused_first_step_ref(q, k_buffer, v_buffer, qo_indptr, req_to_token, req_poo
     hkv = k_buffer.shape[1]
     g = hq // hkv
     out = torch.empty((t, hq, v_buffer.shape[2]), dtype=torch.float32)
-    scores = torch.full((qo_indptr.shape[0] - 1, hkv, max_prefix), float("-inf"))
     for r in range(qo_indptr.shape[0] - 1):
         s, e = int(qo_indptr[r]), int(qo_indptr[r + 1])
         n = int(prefix_lens[r]) + (e - s)
@@ -20,8 +21,6 @@ def fused_first_step_ref(q, k_buffer, v_buffer, qo_indptr, req_to_token, req_poo
         v = v_buffer[slots].float().repeat_interleave(g, dim=1)
         probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * sm_scale, dim=-1)
         out[s:e] = torch.einsum("hqk,khd->qhd", probs, v)
-        p = int(prefix_lens[r])
-        for h in range(hkv):
-            qbar = q[s:e, h * g:(h + 1) * g].float().reshape(-1, d).mean(0)
-            scores[r, h, :p] = k_buffer[slots[:p], h].float() @ qbar * sm_scale
+    scores = mean_query_scores_ref(q, k_buffer, qo_indptr, req_to_token, req_pool_indices, prefix_lens, sm_scale,
+                                   max_prefix)
     return out, scores

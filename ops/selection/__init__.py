@@ -1,10 +1,12 @@
 """Prefix selection for MAGE: block-mean scores (v2 `mean`), top-k with sinks/local window, and the v1
 `vote` selector with its layer-adaptive budget. Imports only torch and triton."""
 
+from .mean_query_scores import block_mean_query_triton, mean_query_scores
 from .reference import (
     block_mean_scores_ref,
     block_self_mass_ref,
     dense_lse_ref,
+    mean_query_scores_ref,
     pad_row_probs,
     row_probs_ref,
     vote_candidates_ref,
@@ -24,6 +26,7 @@ from .vote import (
 
 __all__ = [
     "adaptive_budgets",
+    "block_mean_query_triton",
     "block_mean_scores",
     "block_mean_scores_ref",
     "block_self_mass_ref",
@@ -31,6 +34,8 @@ __all__ = [
     "forced_mask",
     "layer_score",
     "mean_layer_score",
+    "mean_query_scores",
+    "mean_query_scores_ref",
     "online_budget",
     "pad_row_probs",
     "row_probs_padded",

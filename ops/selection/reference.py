@@ -129,3 +129,19 @@ def vote_candidates_ref(rows, prefix_lens, k, max_prefix):
             if m:
                 cov[r, h] = sum(float(a[i, chosen].sum()) for i in range(m)) / m
     return votes, union, cov
+
+
+def mean_query_scores_ref(q, k_buffer, qo_indptr, req_to_token, req_pool_indices, prefix_lens, sm_scale, max_prefix):
+    """[R, Hkv, max_prefix] fp32 block-mean-query logits q̄·k·sm_scale, −inf past each prefix; q̄ the mean of
+    request r's block rows over its tokens and the G query heads of KV head h (the `fused` selector)."""
+    hkv, d = k_buffer.shape[1], k_buffer.shape[2]
+    g = q.shape[1] // hkv
+    scores = torch.full((req_pool_indices.shape[0], hkv, max_prefix), float("-inf"))
+    for r in range(req_pool_indices.shape[0]):
+        s, e = int(qo_indptr[r]), int(qo_indptr[r + 1])
+        p = int(prefix_lens[r])
+        slots = req_to_token[int(req_pool_indices[r]), :p].long()
+        for h in range(hkv):
+            qbar = q[s:e, h * g:(h + 1) * g].float().reshape(-1, d).mean(0)
+            scores[r, h, :p] = k_buffer[slots, h].float() @ qbar * sm_scale
+    return scores

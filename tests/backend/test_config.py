@@ -29,6 +29,7 @@ def test_defaults():
         ("min_context", -1, "--mage-min-context"),
         ("selector", "lsh", "--mage-selector"),
         ("topk_method", "heap", "--mage-topk-method"),
+        ("fused_pass", "three", "--mage-fused-pass"),
         ("graph_first_step", "on", "--mage-graph-first-step"),
         ("quest_page_size", 0, "--mage-quest-page-size"),
         ("vote_min_k", 0, "--mage-vote-min-k"),
