@@ -80,6 +80,9 @@ BACKENDS = {
     "mage_eager_first": dict(attention_backend="mage", mage_graph_first_step=False),
     "mage_graph_first": dict(attention_backend="mage", mage_graph_first_step=True),
     "mage_radix_topk": dict(attention_backend="mage", mage_topk_method="radix"),  # --mage-topk-method radix
+    # the fused selector's two-pass form (FlashInfer exact + block-mean-query logits) with the radix top-k
+    "mage_fused_two_radix": dict(attention_backend="mage", mage_selector="fused", mage_fused_pass="two",
+                                 mage_topk_method="radix"),
 }
 DEFAULT_BACKENDS = ["mage", "mage_quest", "flashinfer", "triton"]
 

@@ -9,7 +9,9 @@ Per point (shape, context, batch; B=32, k=512) every part is timed replayed from
   topk           select_topk on those scores: torch.topk over the row (`method: torch`) or the radix select of
                  ops/selection/radix_topk.py (`method: radix`); the keys and slot kernels included
   radix_select   radix_topk_positions alone on the same keys, per digit width and chunk
-  mean_total     exact_lse + scores + topk at the default configs (what the engine runs)
+  mean_total     exact_lse + scores + topk at the default configs (what the engine runs), per top-k method
+  qmean_scores   mean_query_scores: the block-mean-query logits as a pass over K
+  fused_two_pass the fused selector with --mage-fused-pass two: dense + qmean_scores + topk, per top-k method
   fused          fused_first_step + select_topk, one row per tile config (block_m, block_n, warps, stages,
                  splits); each config's output is checked against FlashInfer's and its scores against
                  torch's block-mean-query logits, and rows carry the max errors
@@ -45,7 +47,7 @@ FUSED_TILES = [(64, 64, 4, 2, 1), (64, 64, 4, 3, 1), (128, 64, 8, 2, 1), (128, 6
 def measure(name, context, batch, k, B=32, quick=False):
     from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.first_step.kernel import default_fused_splits
-    from sglang_mage.ops.selection import block_mean_scores, select_topk
+    from sglang_mage.ops.selection import block_mean_scores, mean_query_scores, select_topk
     from sglang_mage.ops.selection.radix_topk import default_chunk, radix_topk_positions
 
     shape = SHAPES[name]
@@ -83,21 +85,41 @@ def measure(name, context, batch, k, B=32, quick=False):
                                                 sel_slots, sel_lens, topk_method="radix")), {"method": "radix"})
     # The radix select alone (no key or slot kernels), at its digit widths and chunk sizes.
     keys = scores.reshape(batch * hkv, context).contiguous()
+    want_top = torch.topk(keys, cap, dim=-1).values.sort(dim=-1).values
     for bits, chunk in [(8, None), (11, None)] + ([] if quick else [(8, 2048), (8, 8192), (11, 4096)]):
+        got = keys.gather(1, radix_topk_positions(keys, cap, bits=bits, chunk=chunk)).sort(dim=-1).values
         row("radix_select", bench_graph(lambda: radix_topk_positions(keys, cap, bits=bits, chunk=chunk)),
-            {"bits": bits, "chunk": chunk or default_chunk(batch * hkv, context)})
+            {"bits": bits, "chunk": chunk or default_chunk(batch * hkv, context)},
+            same_values_as_torch=bool(torch.equal(got, want_top)))
 
-    def mean_total():
+    def mean_total(method="torch"):
         _, l2 = dense.run(p["q"], lse=True)
         s = block_mean_scores(*args, l2, scale, B, context, out=scores, lse_is_log2=True)
-        select_topk(s, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens)
+        select_topk(s, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens,
+                    topk_method=method)
 
-    row("mean_total", bench_graph(mean_total))
-
-    # The block-mean query's logits against every prefix key, in torch, for the fused kernel's scores.
+    # The block-mean query's logits against every prefix key, in torch, for the fused selector's scores.
     qbar = p["q"].float().view(batch, B, hkv, g, d).mean(dim=(1, 3))
     prefix_slots = p["req_to_token"][:, :context].long()
     want_scores = torch.einsum("rnhd,rhd->rhn", p["k"][prefix_slots].float(), qbar) * scale
+    # The fused selector's two-pass form (--mage-fused-pass two): FlashInfer's dense step, then the
+    # block-mean-query logits as a pass over K, then the top-k, with each top-k method.
+    qscores = torch.empty(batch, hkv, context, dtype=torch.float32, device="cuda")
+    mq = lambda: mean_query_scores(p["q"], p["k"], p["qo_indptr"], p["req_to_token"], p["rows"], p["prefix"], scale, B,
+                                   context, out=qscores)
+    mq()
+    row("qmean_scores", bench_graph(mq), score_max_err=round(float((qscores - want_scores).abs().max()), 4))
+    for method in ("torch", "radix"):
+        def two_pass():
+            dense.run(p["q"])
+            mq()
+            select_topk(qscores, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens,
+                        topk_method=method)
+
+        row("fused_two_pass", bench_graph(two_pass), {"method": method})
+    for method in ("torch", "radix"):
+        row("mean_total", bench_graph(lambda: mean_total(method)), {"method": method})
+
     for bm, bn, w, st, mult in FUSED_TILES[:1] if quick else FUSED_TILES:
         splits = min(64, default_fused_splits(batch, hkv, B * g, bm, context, B) * mult)
         cfg = {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st, "splits": splits}
