@@ -35,7 +35,7 @@ from .ops.block_causal_prefill import later_in_block_merge
 from .ops.first_step import fused_first_step
 from .ops.selection import block_mean_scores, mean_query_scores, select_topk
 from .ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
-from .ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
+from .ops.sparse_attention import alloc_batch_workspace, sparse_block_attention
 from .selectors import VoteSelector
 
 logger = logging.getLogger("sglang_mage")
@@ -99,8 +99,10 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         # dLLM batches hold at most DllmConfig.max_running_requests requests (1 unless the user raises it).
         max_reqs = max(1, int(dllm_config.max_running_requests))
         group = num_q_heads // num_kv_heads
-        self.num_splits = default_num_splits(max_reqs, num_kv_heads, group, self.block_size, cfg.max_selected, head_dim)
-        self.workspace = alloc_workspace(max_reqs, num_kv_heads, self.block_size, group, head_dim, self.num_splits, device)
+        # Flat: each batch size runs at its own default split count (graph captures bake theirs per size).
+        self.workspace_shape = (num_kv_heads, self.block_size, group, head_dim, head_dim, cfg.max_selected)
+        self.workspace_reqs = max_reqs
+        self.workspace = alloc_batch_workspace(max_reqs, *self.workspace_shape, device)
         self.vote = None
         if cfg.selector == "vote":
             self.vote = VoteSelector(cfg, num_layers, rows, device)

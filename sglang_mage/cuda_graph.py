@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 
 from .index_cache import Phase, StepPlan
-from .ops.sparse_attention import alloc_workspace
+from .ops.sparse_attention import alloc_batch_workspace
 
 logger = logging.getLogger("sglang_mage")
 
@@ -175,12 +175,10 @@ class MageCudaGraphMixin:
         self._cg_qo_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=device)
         self._cg_prefix_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
         self._cg_extend_lens = torch.full((max_bs,), self.block_size, dtype=torch.int32, device=device)
-        o_part, _ = self.workspace
-        if o_part.shape[0] < max_bs:
-            # Captured sizes can exceed max_running_requests (TP alignment pads them); the split count stays.
-            _, hkv, splits, rows, dv = o_part.shape
-            self.workspace = alloc_workspace(max_bs, hkv, self.block_size, rows // self.block_size, dv, splits,
-                                             device)
+        if max_bs > self.workspace_reqs:
+            # Captured sizes can exceed max_running_requests (TP alignment pads them): size for the largest.
+            self.workspace_reqs = max_bs
+            self.workspace = alloc_batch_workspace(max_bs, *self.workspace_shape, device)
         self._cg_max_bs = max_bs
         if self.mage.graph_first_step and self.mage.selector in GRAPH_FIRST_SELECTORS:
             super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf)

@@ -19,11 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Keys per split below which the merge pass costs more than the parallelism buys.
-_MIN_KEYS_PER_SPLIT = 128
-# Programs wanted per launch: about two waves on a 132-SM H100/H200.
-_TARGET_PROGRAMS = 2 * 132
-_MAX_SPLITS = 16
+# The split count comes from a sweep on the H200 (benchmarks/results/kernels_split_sweep.json: 7B shape,
+# 128K, B=32, batch 1/16, k 512/2048, 4 tiles x 9 split counts, graph replay). Splitting pays only while a
+# launch is short of one wave: at batch 16 (128 programs) one split beat three by 1.5x at k=512, and at
+# batch 1 about 100 keys per split (6 splits at k=512, 12 at k=2048) was within 5% of the best.
+_MIN_KEYS_PER_SPLIT = 96
+_WAVE_PROGRAMS = 132  # SMs of an H100/H200
+_MAX_SPLITS = 12
 
 
 def _tile_sizes(group: int, max_extend_len: int, head_dim: int, head_dim_v: int) -> tuple[int, int, int, int, int]:
@@ -41,12 +43,13 @@ def _tile_sizes(group: int, max_extend_len: int, head_dim: int, head_dim_v: int)
 def default_num_splits(
     num_reqs: int, num_kv_heads: int, group: int, max_extend_len: int, k_max: int, head_dim: int = 128
 ) -> int:
-    """Split count used when the caller gives none: enough programs for ~2 waves, but never so many that a
-    split holds fewer than _MIN_KEYS_PER_SPLIT keys. Pure function of shapes (CUDA-graph safe)."""
+    """Split count used when the caller gives none: as many splits as keep the launch within one wave, but
+    never so many that a split holds fewer than _MIN_KEYS_PER_SPLIT keys. Pure function of shapes (CUDA-graph
+    safe)."""
     rows, block_m, *_ = _tile_sizes(group, max_extend_len, head_dim, head_dim)
     programs = max(1, num_reqs * num_kv_heads * triton.cdiv(rows, block_m))
     by_keys = max(1, (k_max + max_extend_len) // _MIN_KEYS_PER_SPLIT)
-    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), by_keys, _MAX_SPLITS))
+    return max(1, min(_WAVE_PROGRAMS // programs, by_keys, _MAX_SPLITS))
 
 
 def alloc_workspace(
@@ -64,6 +67,28 @@ def alloc_workspace(
     o_part = torch.empty((max_reqs, num_kv_heads, num_splits, rows, head_dim_v), dtype=torch.float32, device=device)
     lse = torch.empty((max_reqs, num_kv_heads, num_splits, rows), dtype=torch.float32, device=device)
     return o_part, lse
+
+
+def alloc_batch_workspace(
+    max_reqs: int,
+    num_kv_heads: int,
+    max_extend_len: int,
+    group: int,
+    head_dim: int,
+    head_dim_v: int,
+    k_max: int,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat fp32 (partial O, LSE) buffers that hold the split path of any batch of up to max_reqs requests at
+    its own default split count: sparse_block_attention views them as [R, Hkv, splits(R), rows, Dv] per call.
+    The split count then follows the batch (6 splits at batch 1, 1 at batch 16 on the 7B shape) instead of
+    being fixed by the largest batch, and the size stays about one wave of programs' worth of rows."""
+    rows = max_extend_len * group
+    most = max(r * default_num_splits(r, num_kv_heads, group, max_extend_len, k_max, head_dim)
+               for r in range(1, max(1, max_reqs) + 1))
+    n = most * num_kv_heads * rows
+    return (torch.empty(n * head_dim_v, dtype=torch.float32, device=device),
+            torch.empty(n, dtype=torch.float32, device=device))
 
 
 @triton.jit
@@ -230,7 +255,8 @@ def sparse_block_attention(
     Shapes: q [T, Hq, D]; k_buffer/v_buffer [S, Hkv, D/Dv]; qo_indptr [R+1]; req_to_token [P, ctx];
     req_pool_indices/prefix_lens [R]; sel_slots [P', Hkv, K_max] and sel_lens [P', Hkv] (any strides,
     indexed by req_pool_indices). Every ext_len must be <= max_extend_len. With num_splits None the split
-    count is the workspace's if one is given, else default_num_splits(). block_m / block_n override the row
+    count is a 5-D workspace's if one is given, else default_num_splits() of this call's shapes (a flat
+    workspace from alloc_batch_workspace is viewed at that count). block_m / block_n override the row
     and key tiles (powers of two >= 16; for tile sweeps, `bench_kernels.py --split-sweep`). No host sync:
     graph-capturable.
     """
@@ -254,11 +280,18 @@ def sparse_block_attention(
         assert tile is None or (tile >= 16 and tile & (tile - 1) == 0), f"{name} must be a power of two >= 16"
     block_m, block_n = block_m or default_m, block_n or default_n
     num_m_tiles = triton.cdiv(rows, block_m)
+    flat = workspace is not None and workspace[0].dim() == 1
     if num_splits is None:
-        num_splits = workspace[0].shape[2] if workspace is not None else default_num_splits(
+        num_splits = workspace[0].shape[2] if workspace is not None and not flat else default_num_splits(
             num_reqs, hkv, group, max_extend_len, k_max, head_dim
         )
     direct = num_splits == 1
+    if flat and not direct:
+        n = num_reqs * hkv * num_splits * rows
+        assert workspace[0].numel() >= n * head_dim_v and workspace[1].numel() >= n, (
+            f"flat workspace too small for {num_reqs} requests x {num_splits} splits")
+        workspace = (workspace[0][: n * head_dim_v].view(num_reqs, hkv, num_splits, rows, head_dim_v),
+                     workspace[1][:n].view(num_reqs, hkv, num_splits, rows))
     if direct:
         o_part, lse = out, out  # unused by the kernel on this path; any pointer will do
         part_strides = (0, 0, 0, 0)

@@ -391,8 +391,11 @@ def test_a_replay_needs_a_parked_sparse_plan_and_a_parked_plan_must_run(monkeypa
 
 def test_graph_state_grows_the_sparse_workspace_to_the_captured_batch(monkeypatch):
     w = World(monkeypatch, MageConfig(**CFG), capture_bs=(1, 2, 8))
+    from sglang_mage.ops.sparse_attention import alloc_batch_workspace
+
     o_part, lse = w.backend.workspace
-    assert o_part.shape[0] == lse.shape[0] == 8 and o_part.shape[2] == w.backend.num_splits
+    want_o, want_lse = alloc_batch_workspace(8, *w.backend.workspace_shape, "cpu")
+    assert w.backend.workspace_reqs == 8 and o_part.shape == want_o.shape and lse.shape == want_lse.shape
     assert w.backend._cg_qo_indptr.shape == (9,) and w.backend._cg_prefix_lens.shape == (8,)
     with pytest.raises(RuntimeError, match="block size"):
         w.backend.init_cuda_graph_state(8, 8 * B + 1)

@@ -46,10 +46,11 @@ def test_per_rank_state_is_sized_by_the_ranks_heads(model_config):
         backend = MageAttnBackend.__new__(MageAttnBackend)
         backend._setup_mage(cfg, SimpleNamespace(block_size=4, mask_id=7, max_running_requests=4),
                             TINY_SDAR["num_hidden_layers"], q_heads, kv_heads, 128, pool, "cpu")
-        sizes[tp] = (backend.index_cache.slots.shape, backend.workspace[0].shape)
+        sizes[tp] = (backend.index_cache.slots.shape, backend.workspace_shape)
     (cache1, ws1), (cache2, ws2) = sizes[1], sizes[2]
     assert cache1[2] == 4 and cache2[2] == 2 and cache1[3] == cache2[3] == 12
-    assert ws1[1] == 4 and ws2[1] == 2 and ws1[3] == ws2[3]  # rows = B x G: G is the same on every rank
+    # (KV heads, block, G, ...): each rank's sparse workspace is for its own KV heads, G the same on every rank
+    assert ws1[0] == 4 and ws2[0] == 2 and ws1[1:] == ws2[1:]
 
 
 def test_rank_slices_of_the_sparse_step_reassemble_the_full_step():

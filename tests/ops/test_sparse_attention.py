@@ -165,12 +165,32 @@ def test_preallocated_workspace_and_int32_pool_indices():
     assert_close(again, ref, torch.float16, name="out=None")
 
 
+@pytest.mark.parametrize("num_reqs", [1, 2, SIZES["num_reqs"]])
+def test_flat_batch_workspace_at_every_batch_size(num_reqs):
+    # One flat buffer serves each batch size at that size's own default split count.
+    from sglang_mage.ops.sparse_attention import alloc_batch_workspace
+
+    # k_max large enough that the default count splits (>= 2 x _MIN_KEYS_PER_SPLIT keys)
+    sizes = dict(SIZES, num_reqs=num_reqs, k_max=max(SIZES["k_max"], 200), max_prefix=max(SIZES["max_prefix"], 300))
+    assert default_num_splits(num_reqs, sizes["hkv"], 7, 32, sizes["k_max"]) > 1
+    inp = make_inputs(32, 7, 64, torch.float32, seed=13 + num_reqs, sizes=sizes)
+    ws = alloc_batch_workspace(SIZES["num_reqs"] + 1, sizes["hkv"], 32, 7, 64, 64, sizes["k_max"], DEVICE)
+    for t in ws:
+        t.fill_(float("nan"))
+    out, ref = run_both(inp, workspace=ws)
+    assert_close(out, ref, name=f"flat workspace, {num_reqs} requests")
+    with pytest.raises(AssertionError, match="too small"):
+        sparse_block_attention(**inp, num_splits=64, workspace=ws)
+
+
 def test_default_num_splits_is_shape_only():
-    assert default_num_splits(1, 8, 4, 32, 4096) == 16
+    assert default_num_splits(1, 8, 4, 32, 4096) == 12  # capped
+    assert default_num_splits(1, 4, 7, 32, 592) == 6  # the 7B shape at k=512, batch 1: ~100 keys per split
+    assert default_num_splits(16, 4, 7, 32, 2128) == 1  # batch 16: 128 programs already fill a wave
     assert default_num_splits(64, 8, 7, 32, 4096) == 1
     assert default_num_splits(1, 1, 1, 4, 16) == 1  # too few keys to split
     for args in [(1, 2, 7, 32, 512), (3, 2, 1, 4, 48), (256, 4, 7, 32, 2048)]:
-        assert 1 <= default_num_splits(*args) <= 16
+        assert 1 <= default_num_splits(*args) <= 12
 
 
 def dense_attention(inp):
