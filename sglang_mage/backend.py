@@ -194,7 +194,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
         if phase == Phase.FIRST and self.mage.selector == "fused":
-            return self._fused_first(q, q3, k, v, layer, forward_batch, save_kv_cache)
+            return self._fused_first(q3, k, v, layer, forward_batch, save_kv_cache)
         if phase == Phase.FIRST:
             o, lse = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
             self._select(q3, lse, layer, forward_batch)
@@ -284,12 +284,13 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         later_in_block_merge(q3, k3, v3, o, lse, self.block_size, layer.scaling)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
-    def _fused_first(self, q, q3, k, v, layer, forward_batch, save_kv_cache):
+    def _fused_first(self, q3, k, v, layer, forward_batch, save_kv_cache):
         """`fused` selector: exact attention and block-mean-query scores, in one Triton pass over K or (with
         --mage-fused-pass two) FlashInfer's exact pass followed by a scores pass over K."""
         req_to_token = self.req_to_token_pool.req_to_token
         if self.mage.fused_pass == "two":
-            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            # The `mean` selector's exact pass (its LSE unused here): the path first-step graphs capture.
+            o, _ = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
             k_buf, _ = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
             scores = mean_query_scores(
                 q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
@@ -310,7 +311,8 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
                 scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
                 forward_batch.req_pool_indices, sel_slots, sel_lens, topk_method=cfg.topk_method,
             )
-            self.index_cache.stats.select_layer_calls += 1
+            if self.graph_mode == "eager":  # as in _select: a replayed first step never reaches Python
+                self.index_cache.stats.select_layer_calls += 1
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _select(self, q3, lse, layer, forward_batch) -> None:

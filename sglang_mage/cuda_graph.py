@@ -46,8 +46,14 @@ logger = logging.getLogger("sglang_mage")
 # both need per-batch host values, so their sparse steps stay eager. `dense` never goes sparse.
 GRAPH_SELECTORS = frozenset({"mean", "fused", "vote"})
 # --mage-graph-first-step: selectors whose first step (FlashInfer exact pass + scoring + top-k) has static
-# shapes once the scores span a fixed capacity. `vote` sizes its budget per layer on the host.
-GRAPH_FIRST_SELECTORS = frozenset({"mean"})
+# shapes once the scores span a fixed capacity. `vote` sizes its budget per layer on the host; `fused` only
+# in its two-pass form (first_step_capturable), the one-pass Triton kernel has not been checked under replay.
+GRAPH_FIRST_SELECTORS = frozenset({"mean", "fused"})
+
+
+def first_step_capturable(cfg) -> bool:
+    """Whether --mage-graph-first-step can capture this configuration's first steps."""
+    return cfg.selector in GRAPH_FIRST_SELECTORS and (cfg.selector != "fused" or cfg.fused_pass == "two")
 # SGLang keys captured graphs by (bs, stream, variant label); first-step graphs are a second variant per bs.
 FIRST_STEP_VARIANT = "mage_first_step"
 
@@ -180,13 +186,14 @@ class MageCudaGraphMixin:
             self.workspace_reqs = max_bs
             self.workspace = alloc_batch_workspace(max_bs, *self.workspace_shape, device)
         self._cg_max_bs = max_bs
-        if self.mage.graph_first_step and self.mage.selector in GRAPH_FIRST_SELECTORS:
+        if self.mage.graph_first_step and first_step_capturable(self.mage):
             super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf)
             # A prefix never exceeds the context length; scores and top-k span that width in every replay.
             self.graph_first_capacity = int(self.max_context_len)
         elif self.mage.graph_first_step:
-            logger.info("sglang-mage: --mage-graph-first-step covers the %s selectors; --mage-selector %s "
-                        "keeps its first steps eager", sorted(GRAPH_FIRST_SELECTORS), self.mage.selector)
+            logger.info("sglang-mage: --mage-graph-first-step covers the mean selector and fused with "
+                        "--mage-fused-pass two; --mage-selector %s (fused pass %s) keeps its first steps eager",
+                        self.mage.selector, self.mage.fused_pass)
         if self.mage.selector not in GRAPH_SELECTORS:
             logger.info("sglang-mage: --mage-selector %s does host work at every sparse step; its steps run "
                         "eagerly and the captured dLLM graphs stay unused", self.mage.selector)

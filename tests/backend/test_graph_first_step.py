@@ -35,9 +35,11 @@ def flashinfer_graph_planning(monkeypatch):
     return calls
 
 
-def test_first_step_replays_with_the_eager_output_and_selection(monkeypatch, flashinfer_graph_planning):
-    graph = World(monkeypatch, MageConfig(**{**CFG, "graph_first_step": True}), capture_bs=(2,))
-    eager = World(monkeypatch, MageConfig(**{**CFG, "graph_first_step": False}), capture_bs=(2,))
+@pytest.mark.parametrize("selector", [{"selector": "mean"}, {"selector": "fused", "fused_pass": "two"}],
+                         ids=["mean", "fused-two-pass"])
+def test_first_step_replays_with_the_eager_output_and_selection(monkeypatch, flashinfer_graph_planning, selector):
+    graph = World(monkeypatch, MageConfig(**{**CFG, **selector, "graph_first_step": True}), capture_bs=(2,))
+    eager = World(monkeypatch, MageConfig(**{**CFG, **selector, "graph_first_step": False}), capture_bs=(2,))
     assert graph.backend.graph_first_capacity == CAPACITY and eager.backend.graph_first_capacity is None
     assert flashinfer_graph_planning == [("state", 2)]
     first = graph.batch()
@@ -74,8 +76,10 @@ def test_a_batch_the_first_step_graph_cannot_hold_runs_eagerly(monkeypatch, flas
     assert w.backend.index_cache.stats.select_layer_calls == LAYERS
 
 
-def test_other_selectors_keep_eager_first_steps(monkeypatch, flashinfer_graph_planning):
-    w = World(monkeypatch, MageConfig(**{**CFG, "selector": "vote", "graph_first_step": True}), capture_bs=(2,))
+@pytest.mark.parametrize("selector", [{"selector": "vote"}, {"selector": "fused", "fused_pass": "one"}],
+                         ids=["vote", "fused-one-pass"])
+def test_other_selectors_keep_eager_first_steps(monkeypatch, flashinfer_graph_planning, selector):
+    w = World(monkeypatch, MageConfig(**{**CFG, **selector, "graph_first_step": True}), capture_bs=(2,))
     assert w.backend.graph_first_capacity is None and flashinfer_graph_planning == []
     w.forward(w.batch())
     w.forward(w.batch())
@@ -87,7 +91,8 @@ def test_eligibility_of_first_steps():
     assert not graph_eligible(first, "mean", [B, B], B)  # no first-step graphs captured
     assert graph_eligible(first, "mean", [B, B], B, first_capacity=64, max_prefix=64)
     assert not graph_eligible(first, "mean", [B, B], B, first_capacity=64, max_prefix=65)
-    assert not graph_eligible(first, "fused", [B, B], B, first_capacity=64, max_prefix=8)
+    assert graph_eligible(first, "fused", [B, B], B, first_capacity=64, max_prefix=8)
+    assert not graph_eligible(first, "vote", [B, B], B, first_capacity=64, max_prefix=8)
     assert not graph_eligible(first, "mean", [B, 2 * B], B, first_capacity=64, max_prefix=8)
     assert graph_eligible(sparse, "fused", [B], B) and not graph_eligible(sparse, "quest", [B], B)
     assert not graph_eligible(StepPlan(Phase.DENSE, ""), "mean", [B], B, first_capacity=64)
