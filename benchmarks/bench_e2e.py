@@ -80,9 +80,11 @@ BACKENDS = {
     "mage_eager_first": dict(attention_backend="mage", mage_graph_first_step=False),
     "mage_graph_first": dict(attention_backend="mage", mage_graph_first_step=True),
     "mage_radix_topk": dict(attention_backend="mage", mage_topk_method="radix"),  # --mage-topk-method radix
+    "mage_torch_topk": dict(attention_backend="mage", mage_topk_method="torch"),  # the default before run H
     # the fused selector's two-pass form (FlashInfer exact + block-mean-query logits) with the radix top-k
     "mage_fused_two_radix": dict(attention_backend="mage", mage_selector="fused", mage_fused_pass="two",
                                  mage_topk_method="radix"),
+    "mage_fused_two": dict(attention_backend="mage", mage_selector="fused", mage_fused_pass="two"),
 }
 DEFAULT_BACKENDS = ["mage", "mage_quest", "flashinfer", "triton"]
 

@@ -9,7 +9,8 @@ The graph engine replays first steps too (--mage-graph-first-step, the default; 
 them eager), and the check then also requires that it replayed
 first steps (`graph_first_forwards`) with the same tokens.
 
-Usage: python benchmarks/cuda_graph_check.py [--algorithm LowConfidence] [--no-graph-first-step] [--out PATH]
+Usage: python benchmarks/cuda_graph_check.py [--algorithm LowConfidence] [--no-graph-first-step]
+       [--selector S] [--fused-pass one|two] [--topk-method torch|radix] [--out PATH]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, HERE)
 from e2e_correctness import prompts, read_stats, write_model_dir  # noqa: E402
 
 
-def run(model_dir, algorithm, ids, stats_path, graph: bool, graph_first_step: bool = False):
+def run(model_dir, algorithm, ids, stats_path, graph: bool, graph_first_step: bool = False, mage=None):
     import sglang as sgl
 
     os.environ["SGLANG_MAGE_STATS_PATH"] = stats_path
@@ -36,6 +37,7 @@ def run(model_dir, algorithm, ids, stats_path, graph: bool, graph_first_step: bo
         attention_backend="mage", max_running_requests=4, disable_cuda_graph=not graph, mem_fraction_static=0.6,
         context_length=16384, random_seed=0, log_level="warning",
         mage_k=64, mage_min_context=0, mage_force_sparse=True, mage_graph_first_step=graph and graph_first_step,
+        **{f"mage_{k}": v for k, v in (mage or {}).items()},
     )
     try:
         outs = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 16, "temperature": 0.0})
@@ -49,8 +51,13 @@ def main() -> int:
     ap.add_argument("--algorithm", default="LowConfidence")
     ap.add_argument("--graph-first-step", action=argparse.BooleanOptionalAction, default=True,
                     help="the graph engine replays first steps too (default)")
+    ap.add_argument("--selector", default=None, help="--mage-selector for both engines (default: the plugin's)")
+    ap.add_argument("--fused-pass", default=None, help="--mage-fused-pass for both engines")
+    ap.add_argument("--topk-method", default=None, help="--mage-topk-method for both engines")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    mage = {k: v for k, v in (("selector", args.selector), ("fused_pass", args.fused_pass),
+                              ("topk_method", args.topk_method)) if v is not None}
     tmp = tempfile.mkdtemp(prefix="mage-graph-")
     model_dir = write_model_dir(tmp)
     ids = prompts([37, 130, 257, 1000, 4000], seed=5)
@@ -58,7 +65,7 @@ def main() -> int:
     for graph in (True, False):
         name = "graph" if graph else "eager"
         runs[name] = run(model_dir, args.algorithm, ids, os.path.join(tmp, f"stats-{name}.json"), graph,
-                         args.graph_first_step)
+                         args.graph_first_step, mage)
         print(name, json.dumps(runs[name][1]), f"{runs[name][2]} s", flush=True)
     (g_out, g_stats, _), (e_out, e_stats, _) = runs["graph"], runs["eager"]
     failures = []
@@ -78,7 +85,8 @@ def main() -> int:
         failures.append("the index cache is not empty after all requests")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"algorithm": args.algorithm, "graph_first_step": args.graph_first_step, "prompt_lens": [len(p) for p in ids],
+            json.dump({"algorithm": args.algorithm, "graph_first_step": args.graph_first_step, "mage": mage,
+                       "prompt_lens": [len(p) for p in ids],
                        "runs": {k: {"stats": v[1], "seconds": v[2]} for k, v in runs.items()},
                        "greedy_match": g_out == e_out, "failures": failures}, f, indent=1)
     print("FAILURES:" if failures else "graph == eager: all checks passed", *failures, sep="\n")

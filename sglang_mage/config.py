@@ -40,9 +40,11 @@ class MageConfig:
     # `oracle` re-selects the `mean` top-k from every step's own exact attention (an exact pass per step, so
     # slower than dense: it bounds what any first-step selection can reach); `dense` never goes sparse.
     selector: str = "mean"
-    # How the k positions are ranked out of the scores: `torch` (torch.topk, then a sort) or `radix`
-    # (ops/selection/radix_topk.py: a radix select over many programs per row, ascending output, no sort).
-    topk_method: str = "torch"
+    # How the k positions are ranked out of the scores: `radix` (ops/selection/radix_topk.py: a radix select
+    # over many programs per row, ascending output, no sort) or `torch` (torch.topk, then a sort). On the
+    # H200 radix took 30-56 us where torch took 88-96 (batch 1 at 128K, batch 16 at 32K) and tied at 16 x
+    # 128K, with the same values (results/first_step_topk.json).
+    topk_method: str = "radix"
     # `fused` only: `one` computes exact attention and the block-mean-query scores in one Triton pass over K
     # (ops/first_step); `two` runs FlashInfer's exact attention, then the scores as a GEMV over K
     # (ops/selection/mean_query_scores.py). Same scores; `two` reads K twice but keeps the faster dense kernel.
