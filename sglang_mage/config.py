@@ -47,8 +47,10 @@ class MageConfig:
     topk_method: str = "radix"
     # `fused` only: `one` computes exact attention and the block-mean-query scores in one Triton pass over K
     # (ops/first_step); `two` runs FlashInfer's exact attention, then the scores as a GEMV over K
-    # (ops/selection/mean_query_scores.py). Same scores; `two` reads K twice but keeps the faster dense kernel.
-    fused_pass: str = "one"
+    # (ops/selection/mean_query_scores.py). Same scores; `two` reads K twice but keeps the faster dense kernel:
+    # 1.21-1.50x a dense step against 1.45-1.98x for `one` on the H200 (results/first_step*.json), and its
+    # first steps replay from the dLLM graph.
+    fused_pass: str = "two"
     # Below this prefix length a request's attention stays exact at every step.
     min_context: int = 2048
     # Whether the commit pass (the forward after the last [MASK] is filled, which writes the final KV)
