@@ -1,8 +1,9 @@
 """Exact top-k by radix select, spread over many programs per row, positions written ascending.
 
 MAGE keeps k + sinks + local positions out of up to a context length of scores per (request, KV head).
-torch.topk takes 88-139 us for that on the H200 at 128K (`results/first_step.json`), 0.4-0.75 of a dense
-step at batch 1, and its indices still need a sort. At batch 1 there are only as many rows as KV heads (2-4),
+torch.topk takes 88-139 us for that on the H200 at 128K, 0.4-0.75 of a dense step at batch 1, and its
+indices still need a sort; this select took 30-56 us at batch 1 and at 16 x 32K, and tied at 16 x 128K
+(`results/first_step_topk.json`). At batch 1 there are only as many rows as KV heads (2-4),
 so one program per row leaves the GPU idle; here every row is cut into chunks, one program each, and the
 passes meet through global memory:
 
@@ -26,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-_BITS = 8  # digit width: 8 bits is 4 histogram passes of 256 bins; 11 is 3 passes of 2048 (costlier histograms)
+# Digit width: 8 bits is 4 histogram passes of 256 bins; 11 bits, 3 passes of 2048 bins, was 2.3-4.6x
+# slower on the H200 (results/first_step_topk.json): Triton's histogram costs grow with the bin count.
+_BITS = 8
 _BLOCK = 1024
 _TARGET_PROGRAMS = 2 * 132  # about two waves on an H100/H200
 _MAX_CHUNK = 8192
