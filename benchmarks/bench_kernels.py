@@ -17,7 +17,8 @@ the first step as --mage-graph-first-step runs it).
 Writes benchmarks/results/kernels.json (rows {context, k, B, batch, q_heads, kv_heads, head_dim, method, us,
 gbps}) and prints a table. `--split-sweep N...` also times mage_sparse from a CUDA graph at each given
 key-split count (the JSON's `split_sweep` list, rows carry `num_splits`; `num_splits` on the mage_sparse row
-is the default the engine uses), at each `--tile-sweep` row x key tile given (rows carry block_m / block_n;
+is the default the engine uses; a second mage_sparse row with `merge: last_program` times the one-launch
+merge at that count), at each `--tile-sweep` row x key tile given (rows carry block_m / block_n;
 None is the default tile): the data for choosing default_num_splits() and the tiles. GPU only.
 
 Usage: python benchmarks/bench_kernels.py [--quick] [--out PATH]
@@ -97,7 +98,8 @@ def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_s
     from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.selection import block_mean_scores, select_topk
     from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
-    from sglang_mage.ops.sparse_attention import alloc_workspace, default_num_splits, sparse_block_attention
+    from sglang_mage.ops.sparse_attention import alloc_merge_counters, alloc_workspace, default_num_splits
+    from sglang_mage.ops.sparse_attention import sparse_block_attention
     from sglang_mage.ops.sparse_attention import sparse_block_attention_ref
 
     p = make_pool(shape, batch, context, B)
@@ -149,6 +151,14 @@ def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_s
             sparse_block_attention(*sparse_args, out=out, workspace=ws)
 
         row("mage_sparse", k, bench(sparse_step), sparse_bytes, bench_graph(sparse_step), num_splits=splits)
+        if splits > 1:  # the same step with the last split of each row tile merging (one launch, not two)
+            counters = alloc_merge_counters(batch, hkv, B, g, d, "cuda")
+
+            def last_merge_step():
+                sparse_block_attention(*sparse_args, out=out, workspace=ws, merge_counters=counters)
+
+            row("mage_sparse", k, bench(last_merge_step), sparse_bytes, bench_graph(last_merge_step),
+                num_splits=splits, merge="last_program")
         for (bm, bn), n in itertools.product(tile_sweep if split_sweep else (), split_sweep):
             ws_n = alloc_workspace(batch, hkv, B, g, d, n, "cuda") if n > 1 else None
             us = bench_graph(lambda: sparse_block_attention(*sparse_args, out=out, num_splits=n, workspace=ws_n,

@@ -21,7 +21,8 @@ def main(path: str) -> str:
         for r in sel:
             if r["method"] == "dense_step" or (r["k"] not in (None, 512)):
                 continue
-            name = r["method"] + (f" ({r['selector']})" if r.get("selector") else "")
+            tags = [r[key] for key in ("selector", "merge") if r.get(key)]
+            name = r["method"] + "".join(f" ({t})" for t in tags)
             series.setdefault(name, []).append((r["context"], r["us"]))
         for name, pts in sorted(series.items()):
             ax.plot(*zip(*sorted(pts)), marker="o", label=name)

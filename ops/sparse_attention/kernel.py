@@ -91,9 +91,17 @@ def alloc_batch_workspace(
             torch.empty(n, dtype=torch.float32, device=device))
 
 
+def alloc_merge_counters(max_reqs: int, num_kv_heads: int, max_extend_len: int, group: int, head_dim: int,
+                         device: torch.device | str, block_m: int | None = None) -> torch.Tensor:
+    """Zeroed int32 arrival counters for sparse_block_attention(merge_counters=...): one per row tile."""
+    rows, default_m, *_ = _tile_sizes(group, max_extend_len, head_dim, head_dim)
+    return torch.zeros(max_reqs * num_kv_heads * triton.cdiv(rows, block_m or default_m), dtype=torch.int32,
+                       device=device)
+
+
 @triton.jit
 def _sparse_block_attn_fwd(
-    q_ptr, k_ptr, v_ptr, out_ptr, o_part_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, o_part_ptr, lse_ptr, merge_counter_ptr,
     qo_indptr_ptr, r2t_ptr, pool_idx_ptr, prefix_ptr, sel_ptr, sel_len_ptr,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
     stride_r2t, stride_sel0, stride_sel1, stride_sel2, stride_sl0, stride_sl1,
@@ -101,7 +109,7 @@ def _sparse_block_attn_fwd(
     qk_scale, num_splits, num_m_tiles, M_ROWS,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DIRECT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    DIRECT: tl.constexpr, IEEE_DOT: tl.constexpr, LAST_MERGES: tl.constexpr,
 ):
     r = tl.program_id(0)
     h = tl.program_id(1) // num_m_tiles
@@ -188,6 +196,42 @@ def _sparse_block_attn_fwd(
         tl.store(o_part_ptr + part + offs_m[:, None] * stride_pm + offs_dv[None, :], o, mask=store_mask)
         lse_off = r.to(tl.int64) * stride_lr + h * stride_lh + split * stride_ls
         tl.store(lse_ptr + lse_off + offs_m, lse, mask=row_ok)
+        if LAST_MERGES:
+            # One launch instead of two: the tile's last split to finish merges them all. The barrier lets
+            # every thread's partial stores land before the release; the acquire orders the merge's loads.
+            tl.debug_barrier()
+            counter = merge_counter_ptr + r.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                part0 = o_part_ptr + r.to(tl.int64) * stride_pr + h * stride_ph
+                o_rows = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+                _merge_tile(out_ptr, lse_ptr + r.to(tl.int64) * stride_lr + h * stride_lh + offs_m,
+                            part0 + offs_m[:, None] * stride_pm + offs_dv[None, :], o_rows, row_ok, dv_ok,
+                            stride_ls, stride_ps, num_splits, BLOCK_M, BLOCK_DV)
+                tl.store(counter, 0)  # ready for the next call (and the next graph replay)
+
+
+@triton.jit
+def _merge_tile(out_ptr, lse_base, part_base, o_rows, row_ok, dv_ok, stride_ls, stride_ps, num_splits,
+                BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """out rows of one row tile = the splits' partial outputs weighted by their LSE (flash-decoding). Loads
+    bypass L1 (.cg): in the last-program merge they read partials other programs wrote moments before."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(lse_base + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+    # Rows with no keys anywhere (only padding rows, in practice) keep m = -inf; shift by 0 so that
+    # exp2(-inf - 0) = 0 instead of NaN.
+    m = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(num_splits):
+        w = tl.exp2(tl.load(lse_base + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m)
+        # An empty split has w == 0; it stored O = 0, and the where() keeps it harmless regardless.
+        o = tl.load(part_base + s * stride_ps, mask=row_ok[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.where(w[:, None] > 0.0, o * w[:, None], 0.0)
+        den += w
+    o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+    tl.store(out_ptr + o_rows[:, None] + tl.arange(0, BLOCK_DV)[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
@@ -208,28 +252,11 @@ def _merge_splits(
     head = h * G + offs_m % G
     row_ok = (tok < ext_len) & (offs_m < M_ROWS)
     offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < HEAD_DIM_V
     lse_base = lse_ptr + r.to(tl.int64) * stride_lr + h * stride_lh + offs_m
     part_base = o_part_ptr + r.to(tl.int64) * stride_pr + h * stride_ph + offs_m[:, None] * stride_pm + offs_dv[None, :]
-
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(num_splits):
-        m = tl.maximum(m, tl.load(lse_base + s * stride_ls, mask=row_ok, other=float("-inf")))
-    # Rows with no keys anywhere (only padding rows, in practice) keep m = -inf; shift by 0 so that
-    # exp2(-inf - 0) = 0 instead of NaN.
-    m = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in range(num_splits):
-        w = tl.exp2(tl.load(lse_base + s * stride_ls, mask=row_ok, other=float("-inf")) - m)
-        # An empty split has w == 0; it stored O = 0, and the where() keeps it harmless regardless.
-        o = tl.load(part_base + s * stride_ps, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc += tl.where(w[:, None] > 0.0, o * w[:, None], 0.0)
-        den += w
-    o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
     o_rows = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
-    tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & dv_ok[None, :])
+    _merge_tile(out_ptr, lse_base, part_base, o_rows, row_ok, offs_dv < HEAD_DIM_V, stride_ls, stride_ps, num_splits,
+                BLOCK_M, BLOCK_DV)
 
 
 def sparse_block_attention(
@@ -249,6 +276,7 @@ def sparse_block_attention(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    merge_counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block queries attend to [selected prefix slots of their KV head | the block's own tokens].
 
@@ -257,8 +285,10 @@ def sparse_block_attention(
     indexed by req_pool_indices). Every ext_len must be <= max_extend_len. With num_splits None the split
     count is a 5-D workspace's if one is given, else default_num_splits() of this call's shapes (a flat
     workspace from alloc_batch_workspace is viewed at that count). block_m / block_n override the row
-    and key tiles (powers of two >= 16; for tile sweeps, `bench_kernels.py --split-sweep`). No host sync:
-    graph-capturable.
+    and key tiles (powers of two >= 16; for tile sweeps, `bench_kernels.py --split-sweep`). With
+    `merge_counters` (int32, zeroed once, >= R x Hkv x row tiles; alloc_merge_counters) the last split of each
+    row tile merges the splits itself, one launch instead of two; every call leaves them zeroed again. Not
+    yet timed on a GPU, so off by default. No host sync: graph-capturable.
     """
     num_tokens, hq, head_dim = q.shape
     _, hkv, head_dim_k = k_buffer.shape
@@ -310,8 +340,12 @@ def sparse_block_attention(
     ieee = q.dtype == torch.float32
     num_warps = 8 if block_m * max(block_d, block_dv) >= 128 * 128 else 4
     grid = (num_reqs, hkv * num_m_tiles, num_splits)
+    last_merges = merge_counters is not None and not direct
+    if last_merges:
+        assert merge_counters.dtype == torch.int32 and merge_counters.numel() >= num_reqs * hkv * num_m_tiles, (
+            "merge_counters must be int32 with >= requests x KV heads x row tiles entries")
     _sparse_block_attn_fwd[grid](
-        q, k_buffer, v_buffer, out, o_part, lse,
+        q, k_buffer, v_buffer, out, o_part, lse, merge_counters if last_merges else lse,
         qo_indptr, req_to_token, req_pool_indices, prefix_lens, sel_slots, sel_lens,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), out.stride(0), out.stride(1),
@@ -321,9 +355,9 @@ def sparse_block_attention(
         sm_scale * math.log2(math.e), num_splits, num_m_tiles, rows,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, G=group,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DIRECT=direct, IEEE_DOT=ieee, num_warps=num_warps, num_stages=2,
+        DIRECT=direct, IEEE_DOT=ieee, LAST_MERGES=last_merges, num_warps=num_warps, num_stages=2,
     )
-    if not direct:
+    if not direct and not last_merges:
         merge_m = min(block_m, 32)
         merge_tiles = triton.cdiv(rows, merge_m)
         _merge_splits[(num_reqs, hkv * merge_tiles)](

@@ -183,6 +183,20 @@ def test_flat_batch_workspace_at_every_batch_size(num_reqs):
         sparse_block_attention(**inp, num_splits=64, workspace=ws)
 
 
+@pytest.mark.parametrize("block,group,head_dim,num_splits,block_m",
+                         [(32, 7, 64, 3, None), (4, 2, 64, 5, None), (32, 2, 64, 4, 16)], ids=str)
+def test_last_program_merge_matches_reference_and_rezeroes_counters(block, group, head_dim, num_splits, block_m):
+    # The last split of each row tile merges (one launch); a second call on the same counters must work too.
+    from sglang_mage.ops.sparse_attention import alloc_merge_counters
+
+    inp = make_inputs(block, group, head_dim, torch.float32, seed=17 + num_splits, short_last=True)
+    counters = alloc_merge_counters(SIZES["num_reqs"], SIZES["hkv"], block, group, head_dim, DEVICE, block_m=block_m)
+    for _ in range(2):
+        out, ref = run_both(inp, num_splits=num_splits, block_m=block_m, merge_counters=counters)
+        assert_close(out, ref, name=f"last-program merge, {num_splits} splits")
+        assert int(counters.abs().sum()) == 0, "counters left non-zero"
+
+
 def test_default_num_splits_is_shape_only():
     assert default_num_splits(1, 8, 4, 32, 4096) == 12  # capped
     assert default_num_splits(1, 4, 7, 32, 592) == 6  # the 7B shape at k=512, batch 1: ~100 keys per split
