@@ -2,9 +2,9 @@
 
 A sparse step is ~3 small kernels per layer (KV write, sparse attention, split merge) plus the model's own,
 so eager sparse steps are bound by launches; one graph replay per step removes that. Sparse steps replay,
-and with --mage-graph-first-step (the default; `mean` selector only) so does a block's first forward
-(exact attention + selection); prompt prefill, dense forwards and other selectors' first steps stay eager,
-exactly as with the graph off. A first step replays from a second graph per batch size: FlashInfer's own
+and with --mage-graph-first-step (the default; the `mean` selector, and `fused` with --mage-fused-pass two)
+so does a block's first forward (exact attention + selection); prompt prefill, dense forwards and other
+selectors' first steps stay eager, exactly as with the graph off. A first step replays from a second graph per batch size: FlashInfer's own
 captured DLLM_EXTEND prefill (its graph state and planning, as with --attention-backend flashinfer) for the
 exact pass, then scoring and top-k over a fixed width, the context length, so that nothing in it depends on
 a host value. hooks.py's capture_one_shape_around captures that variant and resolve_graph_variant_around

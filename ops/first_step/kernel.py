@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..selection.mean_query_scores import block_mean_query_triton
 from ..sparse_attention.kernel import _merge_splits
 
 _LOG2E = 1.4426950408889634
@@ -168,7 +169,7 @@ def fused_first_step(
     scores.fill_(float("-inf"))
     if r == 0:
         return out, scores
-    qbar = q.float().view(r, block_size, hkv, group, d).mean(dim=(1, 3)).contiguous()
+    qbar = block_mean_query_triton(q, qo_indptr, hkv, block_size)
     rows = block_size * group
     if block_m is None:
         block_m = default_fused_block_m(rows)
