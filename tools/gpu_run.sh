@@ -6,6 +6,7 @@
 # Jobs:
 #   train-bg      start the tiny-checkpoint training in the background (TRAIN_ARGS, TRAIN_MINUTES)
 #   graphcheck    benchmarks/cuda_graph_check.py (GRAPH_ARGS): graph vs eager mage engines -> cuda_graph_check.json
+#   graphcheck2   the same with GRAPH2_ARGS -> cuda_graph_check2.json
 #   eval          eval_accuracy.py on $CKPT: sglang engine (EVAL_ARGS) and reference engine on cuda (EVAL_REF_ARGS)
 #   robust-bg     benchmarks/robustness.py (ROBUST_ARGS) in the background; wait-robust waits for it
 #   tests         pytest -m gpu on the kernels, FlashInfer's LSE and block-causal prefill (not the e2e suite)
@@ -122,9 +123,11 @@ for job in "$@"; do
       probe_pid=$! ;;
     wait-probe)
       wait "$probe_pid"; echo "probe rc=$?"; tail -14 "$R/retrieval_probe.log" ;;
-    graphcheck)  # mage sparse steps under SGLang's dLLM CUDA graph vs eager (benchmarks/cuda_graph_check.py)
-      timeout "${GRAPH_TIMEOUT:-240}" python benchmarks/cuda_graph_check.py --out "$R/cuda_graph_check.json" ${GRAPH_ARGS:-} \
-        > "$R/cuda_graph_check.log" 2>&1; echo "graphcheck rc=$?"; tail -8 "$R/cuda_graph_check.log" ;;
+    graphcheck|graphcheck2)  # graph vs eager mage engines (benchmarks/cuda_graph_check.py): GRAPH_ARGS / GRAPH2_ARGS
+      args=${GRAPH_ARGS:-}; [ "$job" = graphcheck2 ] && args=${GRAPH2_ARGS:-}
+      name=cuda_graph_check; [ "$job" = graphcheck2 ] && name=cuda_graph_check2
+      timeout "${GRAPH_TIMEOUT:-240}" python benchmarks/cuda_graph_check.py --out "$R/$name.json" $args \
+        > "$R/$name.log" 2>&1; echo "$job rc=$?"; tail -8 "$R/$name.log" ;;
     eval)  # the checkpoint through SGLang (EVAL_ARGS) and, at once, the reference engine for recall (EVAL_REF_ARGS)
       if [ -f "$CKPT/model.safetensors" ]; then
         timeout "${EVAL_TIMEOUT:-240}" python benchmarks/eval_accuracy.py --engine reference --device cuda \
