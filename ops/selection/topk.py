@@ -16,6 +16,7 @@ import triton.language as tl
 from .radix_topk import radix_topk_positions
 
 _BLOCK = 1024
+TOPK_METHODS = ("torch", "radix")  # sglang_mage.config.TOPK_METHODS names the same choices for --mage-topk-method
 
 
 @triton.jit
@@ -117,6 +118,8 @@ def write_selection(
     out_lens[cache_rows[r], h] = len. Both may be strided views whose last dim is contiguous.
     Returns (positions [R, Hkv, n_top] int64, ascending, the first len of them kept; lens [R, Hkv] int32).
     """
+    if topk_method not in TOPK_METHODS:
+        raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got {topk_method!r}")
     R, Hkv, N = keys.shape
     device = keys.device
     if cache_rows is None:

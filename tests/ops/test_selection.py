@@ -179,6 +179,16 @@ def _check_topk(scores, prefix_lens, k, n_sink, n_local, kmax=None, seed=0, topk
     assert (cache[untouched] == -7).all() and (cache[:, 0] == -7).all() and (lens_cache[:, 0] == -7).all()
 
 
+def test_select_topk_rejects_unknown_method():
+    scores = torch.rand((1, 1, 64))
+    out = torch.zeros((1, 1, 16), dtype=torch.int32)
+    with pytest.raises(ValueError, match="topk_method"):
+        select_topk(scores, torch.tensor([64], dtype=torch.int32), 8, 2, 2, torch.arange(64, dtype=torch.int32)[None],
+                    torch.zeros(1, dtype=torch.int64), out, torch.zeros((1, 1), dtype=torch.int32),
+                    topk_method="bitonic")
+    assert (out == 0).all(), "nothing written before the method is checked"
+
+
 @pytest.mark.parametrize(
     "prefix_lens,k,n_sink,n_local",
     [
@@ -328,3 +338,10 @@ def test_select_by_votes_int_budget_and_unvoted_head():
     pos, lens = pos.cpu(), lens.cpu()
     assert _kept(pos, lens, 0, 0) == [2, 17] and _kept(pos, lens, 0, 1) == [23, 24], "top votes; else most recent"
     assert cache[0, 0, :2].tolist() == [102, 117] and lens_c.tolist() == [[2, 2]]
+
+
+def test_topk_methods_match_the_config_flag():
+    from sglang_mage.config import TOPK_METHODS as FLAG_CHOICES
+    from sglang_mage.ops.selection.topk import TOPK_METHODS
+
+    assert TOPK_METHODS == FLAG_CHOICES
