@@ -19,7 +19,8 @@ gbps}) and prints a table. `--split-sweep N...` also times mage_sparse from a CU
 key-split count (the JSON's `split_sweep` list, rows carry `num_splits`; `num_splits` on the mage_sparse row
 is the default the engine uses; a second mage_sparse row with `merge: last_program` times the one-launch
 merge at that count), at each `--tile-sweep` row x key tile given (rows carry block_m / block_n;
-None is the default tile) and each `--merge-sweep` merge (two_launch, last_program; rows carry `merge`):
+None is the default tile), each `--merge-sweep` merge (two_launch, last_program; rows carry `merge`), and each
+`--stage-sweep` / `--warp-sweep` launch setting (rows carry num_stages / num_warps, None = default):
 the data for choosing default_num_splits(), the tiles and the merge. GPU only.
 
 Usage: python benchmarks/bench_kernels.py [--quick] [--out PATH]
@@ -96,7 +97,7 @@ def bench_graph(fn) -> float | None:
 
 
 def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_sweep=((None, None),),
-            merge_sweep=("two_launch",)):
+            merge_sweep=("two_launch",), stage_sweep=(2,), warp_sweep=(None,)):
     from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.selection import block_mean_scores, select_topk
     from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
@@ -161,16 +162,18 @@ def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_s
 
             row("mage_sparse", k, bench(last_merge_step), sparse_bytes, bench_graph(last_merge_step),
                 num_splits=splits, merge="last_program")
-        for (bm, bn), n, merge in itertools.product(tile_sweep if split_sweep else (), split_sweep, merge_sweep):
+        for (bm, bn), n, merge, stages, warps in itertools.product(
+                tile_sweep if split_sweep else (), split_sweep, merge_sweep, stage_sweep, warp_sweep):
             if merge == "last_program" and n == 1:
                 continue  # one split has nothing to merge
             ws_n = alloc_workspace(batch, hkv, B, g, d, n, "cuda") if n > 1 else None
             cnt = alloc_merge_counters(batch, hkv, B, g, d, "cuda", block_m=bm) if merge == "last_program" else None
             us = bench_graph(lambda: sparse_block_attention(*sparse_args, out=out, num_splits=n, workspace=ws_n,
-                                                            block_m=bm, block_n=bn, merge_counters=cnt))
+                                                            block_m=bm, block_n=bn, merge_counters=cnt,
+                                                            num_stages=stages, num_warps=warps))
             sweep.append({"context": context, "k": k, "B": B, "batch": batch, "q_heads": shape.q_heads,
                           "kv_heads": hkv, "head_dim": d, "num_splits": n, "default_splits": splits,
-                          "block_m": bm, "block_n": bn, "merge": merge,
+                          "block_m": bm, "block_n": bn, "merge": merge, "num_stages": stages, "num_warps": warps,
                           "us_graph": None if us is None else round(us, 2),
                           "gbps_graph": None if not us else round(sparse_bytes / (us * 1e-6) / 1e9, 1)})
         kmin, kmax = page_bounds(p["k"], p["req_to_token"], p["rows"], p["prefix"], QUEST_PAGE, context)
@@ -216,6 +219,10 @@ def main(argv=None) -> int:
                     help="with --split-sweep: row x key tiles to sweep (e.g. 64x32 128x64); default tile if none")
     ap.add_argument("--merge-sweep", nargs="+", default=["two_launch"], choices=["two_launch", "last_program"],
                     help="with --split-sweep: merge the splits in a second launch, or in the last split's program")
+    ap.add_argument("--stage-sweep", nargs="+", type=int, default=[2], metavar="S",
+                    help="with --split-sweep: software-pipeline depths (num_stages) to sweep")
+    ap.add_argument("--warp-sweep", nargs="+", type=int, default=[0], metavar="W",
+                    help="with --split-sweep: warps per program to sweep (0 = the kernel's default)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -229,13 +236,13 @@ def main(argv=None) -> int:
     grid = list(itertools.product(args.shapes, args.contexts, args.blocks, args.batches))
     for i, (name, context, B, batch) in enumerate(grid):
         got, got_sweep = measure(SHAPES[name], context, B, batch, args.ks, not args.no_reference, args.split_sweep,
-                                 tiles, args.merge_sweep)
+                                 tiles, args.merge_sweep, args.stage_sweep, [w or None for w in args.warp_sweep])
         rows += got
         sweep += got_sweep
         for r in got_sweep:
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={r['k']:>5} "
                   f"tile={r['block_m']}x{r['block_n']} splits={r['num_splits']:>2} (default {r['default_splits']}) "
-                  f"merge={r['merge']}: graph {r['us_graph']} us", flush=True)
+                  f"merge={r['merge']} stages={r['num_stages']} warps={r['num_warps']}: graph {r['us_graph']} us", flush=True)
         for r in got:
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={str(r['k']):>5} "
                   f"{r['method']:>16}: {r['us']:9.1f} us {r['gbps']:8.1f} GB/s graph {r.get('us_graph')} us",

@@ -277,6 +277,8 @@ def sparse_block_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     merge_counters: torch.Tensor | None = None,
+    num_stages: int = 2,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Block queries attend to [selected prefix slots of their KV head | the block's own tokens].
 
@@ -287,8 +289,10 @@ def sparse_block_attention(
     workspace from alloc_batch_workspace is viewed at that count). block_m / block_n override the row
     and key tiles (powers of two >= 16; for tile sweeps, `bench_kernels.py --split-sweep`). With
     `merge_counters` (int32, zeroed once, >= R x Hkv x row tiles; alloc_merge_counters) the last split of each
-    row tile merges the splits itself, one launch instead of two; every call leaves them zeroed again. Not
-    yet timed on a GPU, so off by default. No host sync: graph-capturable.
+    row tile merges the splits itself, one launch instead of two; every call leaves them zeroed again. It
+    measured 1-9 us slower than two launches under graph replay on the H200 (kernels_split_sweep.json), so
+    it is off by default. num_stages / num_warps override the launch (pipeline depth; warps default to 8
+    for 128x128 tiles, else 4), for sweeps. No host sync: graph-capturable.
     """
     num_tokens, hq, head_dim = q.shape
     _, hkv, head_dim_k = k_buffer.shape
@@ -338,7 +342,8 @@ def sparse_block_attention(
         lse_strides = lse.stride()[:3]
 
     ieee = q.dtype == torch.float32
-    num_warps = 8 if block_m * max(block_d, block_dv) >= 128 * 128 else 4
+    assert num_stages >= 1 and (num_warps is None or num_warps in (1, 2, 4, 8, 16)), "bad num_stages / num_warps"
+    num_warps = num_warps or (8 if block_m * max(block_d, block_dv) >= 128 * 128 else 4)
     grid = (num_reqs, hkv * num_m_tiles, num_splits)
     last_merges = merge_counters is not None and not direct
     if last_merges:
@@ -355,7 +360,7 @@ def sparse_block_attention(
         sm_scale * math.log2(math.e), num_splits, num_m_tiles, rows,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, G=group,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DIRECT=direct, IEEE_DOT=ieee, LAST_MERGES=last_merges, num_warps=num_warps, num_stages=2,
+        DIRECT=direct, IEEE_DOT=ieee, LAST_MERGES=last_merges, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct and not last_merges:
         merge_m = min(block_m, 32)

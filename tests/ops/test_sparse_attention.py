@@ -138,6 +138,15 @@ def test_tile_overrides(block_m, block_n, num_splits):
     assert_close(out, ref, name=f"tile {block_m}x{block_n} splits={num_splits}")
 
 
+@pytest.mark.parametrize("num_stages,num_warps", [(3, 8), (4, 4), (1, 2)], ids=str)
+def test_launch_overrides(num_stages, num_warps):
+    # The stage/warp sweep's settings must not change the result (the interpreter ignores them; the GPU
+    # marker run compiles each).
+    inp = make_inputs(32, 7, 128, torch.float32, seed=13 + num_stages, short_last=True)
+    out, ref = run_both(inp, num_splits=2, num_stages=num_stages, num_warps=num_warps)
+    assert_close(out, ref, name=f"stages={num_stages} warps={num_warps}")
+
+
 def test_tile_override_must_be_power_of_two():
     inp = make_inputs(4, 2, 64, torch.float32, seed=1)
     with pytest.raises(AssertionError, match="power of two"):
