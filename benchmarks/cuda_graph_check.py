@@ -85,7 +85,15 @@ def main() -> int:
         failures.append("the index cache is not empty after all requests")
     if args.out:
         with open(args.out, "w") as f:
+            import dataclasses
+
+            from sglang_mage.config import MageConfig
+
+            # the options both engines ran with: the given ones over the plugin's defaults (k etc. from run())
+            effective = {f: v for f, v in dataclasses.asdict(MageConfig(**mage)).items()
+                         if f in ("selector", "fused_pass", "topk_method")}
             json.dump({"algorithm": args.algorithm, "graph_first_step": args.graph_first_step, "mage": mage,
+                       "mage_effective": effective,
                        "prompt_lens": [len(p) for p in ids],
                        "runs": {k: {"stats": v[1], "seconds": v[2]} for k, v in runs.items()},
                        "greedy_match": g_out == e_out, "failures": failures}, f, indent=1)
