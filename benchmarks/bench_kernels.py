@@ -97,7 +97,7 @@ def bench_graph(fn) -> float | None:
 
 
 def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_sweep=((None, None),),
-            merge_sweep=("two_launch",), stage_sweep=(2,), warp_sweep=(None,)):
+            merge_sweep=("two_launch",), stage_sweep=(None,), warp_sweep=(None,)):
     from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.selection import block_mean_scores, select_topk
     from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
@@ -219,8 +219,8 @@ def main(argv=None) -> int:
                     help="with --split-sweep: row x key tiles to sweep (e.g. 64x32 128x64); default tile if none")
     ap.add_argument("--merge-sweep", nargs="+", default=["two_launch"], choices=["two_launch", "last_program"],
                     help="with --split-sweep: merge the splits in a second launch, or in the last split's program")
-    ap.add_argument("--stage-sweep", nargs="+", type=int, default=[2], metavar="S",
-                    help="with --split-sweep: software-pipeline depths (num_stages) to sweep")
+    ap.add_argument("--stage-sweep", nargs="+", type=int, default=[0], metavar="S",
+                    help="with --split-sweep: pipeline depths (num_stages) to sweep (0 = the kernel's default)")
     ap.add_argument("--warp-sweep", nargs="+", type=int, default=[0], metavar="W",
                     help="with --split-sweep: warps per program to sweep (0 = the kernel's default)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
@@ -236,13 +236,15 @@ def main(argv=None) -> int:
     grid = list(itertools.product(args.shapes, args.contexts, args.blocks, args.batches))
     for i, (name, context, B, batch) in enumerate(grid):
         got, got_sweep = measure(SHAPES[name], context, B, batch, args.ks, not args.no_reference, args.split_sweep,
-                                 tiles, args.merge_sweep, args.stage_sweep, [w or None for w in args.warp_sweep])
+                                 tiles, args.merge_sweep, [s or None for s in args.stage_sweep],
+                                 [w or None for w in args.warp_sweep])
         rows += got
         sweep += got_sweep
         for r in got_sweep:
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={r['k']:>5} "
                   f"tile={r['block_m']}x{r['block_n']} splits={r['num_splits']:>2} (default {r['default_splits']}) "
-                  f"merge={r['merge']} stages={r['num_stages']} warps={r['num_warps']}: graph {r['us_graph']} us", flush=True)
+                  f"merge={r['merge']} stages={r['num_stages']} warps={r['num_warps']}: graph {r['us_graph']} us",
+                  flush=True)
         for r in got:
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={str(r['k']):>5} "
                   f"{r['method']:>16}: {r['us']:9.1f} us {r['gbps']:8.1f} GB/s graph {r.get('us_graph')} us",

@@ -277,7 +277,7 @@ def sparse_block_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     merge_counters: torch.Tensor | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Block queries attend to [selected prefix slots of their KV head | the block's own tokens].
@@ -291,8 +291,8 @@ def sparse_block_attention(
     `merge_counters` (int32, zeroed once, >= R x Hkv x row tiles; alloc_merge_counters) the last split of each
     row tile merges the splits itself, one launch instead of two; every call leaves them zeroed again. It
     measured 1-9 us slower than two launches under graph replay on the H200 (kernels_split_sweep.json), so
-    it is off by default. num_stages / num_warps override the launch (pipeline depth; warps default to 8
-    for 128x128 tiles, else 4), for sweeps. No host sync: graph-capturable.
+    it is off by default. num_stages / num_warps override the launch (pipeline depth: 3 with one split, else
+    2; warps: 8 for 128x128 tiles, else 4), for sweeps. No host sync: graph-capturable.
     """
     num_tokens, hq, head_dim = q.shape
     _, hkv, head_dim_k = k_buffer.shape
@@ -342,8 +342,13 @@ def sparse_block_attention(
         lse_strides = lse.stride()[:3]
 
     ieee = q.dtype == torch.float32
-    assert num_stages >= 1 and (num_warps is None or num_warps in (1, 2, 4, 8, 16)), "bad num_stages / num_warps"
+    assert (num_stages is None or num_stages >= 1) and (num_warps is None or num_warps in (1, 2, 4, 8, 16)), (
+        "bad num_stages / num_warps")
     num_warps = num_warps or (8 if block_m * max(block_d, block_dv) >= 128 * 128 else 4)
+    # From the H200 sweep (benchmarks/results/raw/kernels_stage_sweep_h200.json, 7B shape, 128K): one split,
+    # whose program walks the whole selection, gains from a third stage (batch 16, k=2048: 95.8 -> 83.5 us;
+    # k=512: 27.4 -> 25.7 us); the split path's short walks do not (6 splits, batch 1: 12.6 vs 13.7 us).
+    num_stages = num_stages or (3 if direct else 2)
     grid = (num_reqs, hkv * num_m_tiles, num_splits)
     last_merges = merge_counters is not None and not direct
     if last_merges:
