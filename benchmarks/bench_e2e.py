@@ -85,6 +85,9 @@ BACKENDS = {
     "mage_fused_two_radix": dict(attention_backend="mage", mage_selector="fused", mage_fused_pass="two",
                                  mage_topk_method="radix"),
     "mage_fused_two": dict(attention_backend="mage", mage_selector="fused", mage_fused_pass="two"),
+    # the same with the scores and top-k on a side stream beside the exact pass (--mage-overlap-selection)
+    "mage_fused_overlap": dict(attention_backend="mage", mage_selector="fused", mage_fused_pass="two",
+                               mage_overlap_selection=True),
 }
 DEFAULT_BACKENDS = ["mage", "mage_quest", "flashinfer", "triton"]
 

@@ -12,6 +12,8 @@ Per point (shape, context, batch; B=32, k=512) every part is timed replayed from
   mean_total     exact_lse + scores + topk at the default configs (what the engine runs), per top-k method
   qmean_scores   mean_query_scores: the block-mean-query logits as a pass over K
   fused_two_pass the fused selector with --mage-fused-pass two: dense + qmean_scores + topk, per top-k method
+  fused_two_overlap  the same with qmean_scores + topk on a side stream beside the dense pass
+                 (--mage-overlap-selection); rows carry whether its selection equals the serial one
   fused          fused_first_step + select_topk, one row per tile config (block_m, block_n, warps, stages,
                  splits); each config's output is checked against FlashInfer's and its scores against
                  torch's block-mean-query logits, and rows carry the max errors
@@ -49,6 +51,7 @@ def measure(name, context, batch, k, B=32, quick=False):
     from sglang_mage.ops.first_step.kernel import default_fused_splits
     from sglang_mage.ops.selection import block_mean_scores, mean_query_scores, select_topk
     from sglang_mage.ops.selection.radix_topk import default_chunk, radix_topk_positions
+    from sglang_mage.side_stream import SideStream
 
     shape = SHAPES[name]
     p = make_pool(shape, batch, context, B)
@@ -105,6 +108,7 @@ def measure(name, context, batch, k, B=32, quick=False):
     # The fused selector's two-pass form (--mage-fused-pass two): FlashInfer's dense step, then the
     # block-mean-query logits as a pass over K, then the top-k, with each top-k method.
     qscores = torch.empty(batch, hkv, context, dtype=torch.float32, device="cuda")
+    side = SideStream()
     mq = lambda: mean_query_scores(p["q"], p["k"], p["qo_indptr"], p["req_to_token"], p["rows"], p["prefix"], scale, B,
                                    context, out=qscores)
     mq()
@@ -117,6 +121,26 @@ def measure(name, context, batch, k, B=32, quick=False):
                         topk_method=method)
 
         row("fused_two_pass", bench_graph(two_pass), {"method": method})
+        # The same with the scores and top-k on a side stream beside the dense pass (--mage-overlap-selection).
+        two_pass()
+        torch.cuda.synchronize()
+        serial = (sel_slots.clone(), sel_lens.clone())
+
+        def overlapped():
+            with side.fork(p["q"].device):
+                mq()
+                select_topk(qscores, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots,
+                            sel_lens, topk_method=method)
+            dense.run(p["q"])
+            side.join(p["q"].device)
+
+        sel_slots.zero_()
+        overlapped()
+        torch.cuda.synchronize()
+        kept = torch.arange(cap, device="cuda") < sel_lens[..., None]  # entries past a row's length are stale
+        same = bool(torch.equal(sel_lens, serial[1]) and torch.equal(
+            torch.where(kept, sel_slots, -1).sort(-1).values, torch.where(kept, serial[0], -1).sort(-1).values))
+        row("fused_two_overlap", bench_graph(overlapped), {"method": method}, same_selection_as_serial=same)
     for method in ("torch", "radix"):
         row("mean_total", bench_graph(lambda: mean_total(method)), {"method": method})
 

@@ -10,7 +10,7 @@ them eager), and the check then also requires that it replayed
 first steps (`graph_first_forwards`) with the same tokens.
 
 Usage: python benchmarks/cuda_graph_check.py [--algorithm LowConfidence] [--no-graph-first-step]
-       [--selector S] [--fused-pass one|two] [--topk-method torch|radix] [--out PATH]
+       [--selector S] [--fused-pass one|two] [--topk-method torch|radix] [--overlap-selection] [--out PATH]
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ def main() -> int:
     ap.add_argument("--selector", default=None, help="--mage-selector for both engines (default: the plugin's)")
     ap.add_argument("--fused-pass", default=None, help="--mage-fused-pass for both engines")
     ap.add_argument("--topk-method", default=None, help="--mage-topk-method for both engines")
+    ap.add_argument("--overlap-selection", action="store_true", help="--mage-overlap-selection for both engines")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     mage = {k: v for k, v in (("selector", args.selector), ("fused_pass", args.fused_pass),
-                              ("topk_method", args.topk_method)) if v is not None}
+                              ("topk_method", args.topk_method),
+                              ("overlap_selection", args.overlap_selection or None)) if v is not None}
     tmp = tempfile.mkdtemp(prefix="mage-graph-")
     model_dir = write_model_dir(tmp)
     ids = prompts([37, 130, 257, 1000, 4000], seed=5)
@@ -91,7 +93,7 @@ def main() -> int:
 
             # the options both engines ran with: the given ones over the plugin's defaults (k etc. from run())
             effective = {f: v for f, v in dataclasses.asdict(MageConfig(**mage)).items()
-                         if f in ("selector", "fused_pass", "topk_method")}
+                         if f in ("selector", "fused_pass", "topk_method", "overlap_selection")}
             json.dump({"algorithm": args.algorithm, "graph_first_step": args.graph_first_step, "mage": mage,
                        "mage_effective": effective,
                        "prompt_lens": [len(p) for p in ids],

@@ -37,6 +37,7 @@ from .ops.selection import block_mean_scores, mean_query_scores, select_topk
 from .ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
 from .ops.sparse_attention import alloc_batch_workspace, sparse_block_attention
 from .selectors import VoteSelector
+from .side_stream import SideStream
 
 logger = logging.getLogger("sglang_mage")
 
@@ -103,6 +104,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         self.workspace_shape = (num_kv_heads, self.block_size, group, head_dim, head_dim, cfg.max_selected)
         self.workspace_reqs = max_reqs
         self.workspace = alloc_batch_workspace(max_reqs, *self.workspace_shape, device)
+        self.side_stream = SideStream()  # --mage-overlap-selection
         self.vote = None
         if cfg.selector == "vote":
             self.vote = VoteSelector(cfg, num_layers, rows, device)
@@ -287,16 +289,20 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
     def _fused_first(self, q3, k, v, layer, forward_batch, save_kv_cache):
         """`fused` selector: exact attention and block-mean-query scores, in one Triton pass over K or (with
         --mage-fused-pass two) FlashInfer's exact pass followed by a scores pass over K."""
-        req_to_token = self.req_to_token_pool.req_to_token
-        if self.mage.fused_pass == "two":
+        if self.mage.fused_pass == "two" and self.mage.overlap_selection and self.max_prefix:
+            # Scores and top-k read q and the prefix keys only (not the block's KV the exact pass writes),
+            # so they run on a side stream beside FlashInfer's exact pass and join before the layer returns.
+            with self.side_stream.fork(q3.device):
+                self._select_by_mean_query(q3, layer, forward_batch)
+            o, _ = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
+            self.side_stream.join(q3.device)
+        elif self.mage.fused_pass == "two":
             # The `mean` selector's exact pass (its LSE unused here): the path first-step graphs capture.
             o, _ = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
-            k_buf, _ = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-            scores = mean_query_scores(
-                q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
-                layer.scaling, self.block_size, self.max_prefix,
-            ) if self.max_prefix else None
+            if self.max_prefix:
+                self._select_by_mean_query(q3, layer, forward_batch)
         else:
+            req_to_token = self.req_to_token_pool.req_to_token
             if save_kv_cache and k is not None:
                 self._write_kv(layer, forward_batch, k, v)
             k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
@@ -304,16 +310,28 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
                 q3, k_buf, v_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
                 layer.scaling, self.block_size, max(self.max_prefix, 1),
             )
-        if self.max_prefix:
-            cfg = self.mage
-            sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
-            select_topk(
-                scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
-                forward_batch.req_pool_indices, sel_slots, sel_lens, topk_method=cfg.topk_method,
-            )
-            if self.graph_mode == "eager":  # as in _select: a replayed first step never reaches Python
-                self.index_cache.stats.select_layer_calls += 1
+            if self.max_prefix:
+                self._write_selection(scores, layer, forward_batch)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _select_by_mean_query(self, q3, layer, forward_batch) -> None:
+        """The fused selector's second pass: block-mean-query logits over the prefix keys, then the top-k."""
+        k_buf, _ = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        scores = mean_query_scores(
+            q3, k_buf, self.qo_indptr, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+            self.prefix_lens, layer.scaling, self.block_size, self.max_prefix,
+        )
+        self._write_selection(scores, layer, forward_batch)
+
+    def _write_selection(self, scores, layer, forward_batch) -> None:
+        cfg = self.mage
+        sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
+        select_topk(
+            scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices, sel_slots, sel_lens, topk_method=cfg.topk_method,
+        )
+        if self.graph_mode == "eager":  # as in _select: a replayed first step never reaches Python
+            self.index_cache.stats.select_layer_calls += 1
 
     def _select(self, q3, lse, layer, forward_batch) -> None:
         """`lse` is FlashInfer's, in base 2 (tests/gpu/test_flashinfer_lse.py pins that convention)."""

@@ -51,6 +51,11 @@ class MageConfig:
     # 1.21-1.50x a dense step against 1.45-1.98x for `one` on the H200 (results/first_step*.json), and its
     # first steps replay from the dLLM graph.
     fused_pass: str = "two"
+    # `fused` with `two` only: run the scores pass and the top-k on a second CUDA stream beside FlashInfer's
+    # exact pass (they read q and the prefix keys, not that pass's output; sglang_mage/side_stream.py). The
+    # exact pass runs at ~1.2-1.3 TB/s on these shapes, leaving HBM bandwidth for the GEMV. Off until the
+    # GPU has timed it (bench_first_step.py's `fused_two_overlap` rows).
+    overlap_selection: bool = False
     # Below this prefix length a request's attention stays exact at every step.
     min_context: int = 2048
     # Whether the commit pass (the forward after the last [MASK] is filled, which writes the final KV)
@@ -91,8 +96,11 @@ class MageConfig:
         need(1 <= self.vote_min_k <= self.vote_max_k, "vote-min-k", "must be in [1, --mage-vote-max-k]", self.vote_min_k)
         need(self.vote_max_k <= 65536, "vote-max-k", "must be <= 65536", self.vote_max_k)
         need(1 <= self.quest_page_size <= 1024, "quest-page-size", "must be in [1, 1024]", self.quest_page_size)
-        for name in ("sparse_commit", "force_sparse", "graph_first_step"):
+        for name in ("sparse_commit", "force_sparse", "graph_first_step", "overlap_selection"):
             need(isinstance(getattr(self, name), bool), _flag(name), "must be a boolean", getattr(self, name))
+        need(not self.overlap_selection or (self.selector == "fused" and self.fused_pass == "two"),
+             "overlap-selection", "needs --mage-selector fused --mage-fused-pass two (the other selectors' scores "
+             "need the exact pass's output)", (self.selector, self.fused_pass))
         chunk = self.prefill_chunk_size
         need(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool)), "prefill-chunk-size",
              "must be an integer (0 turns chunked prompt prefill off)", chunk)
@@ -182,6 +190,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mage-fused-pass", choices=FUSED_PASSES, default=None,
                    help="fused selector: one (exact attention and block-mean-query scores in one Triton pass) or two "
                         f"(FlashInfer's exact attention, then the scores as a pass over K). Default {d.fused_pass}.")
+    g.add_argument("--mage-overlap-selection", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused two-pass selector: compute the scores and the top-k on a second CUDA stream beside "
+                        f"the exact pass (default {d.overlap_selection}).")
     g.add_argument("--mage-min-context", type=int, default=None,
                    help=f"Prefix length below which attention stays exact (default {d.min_context}).")
     g.add_argument("--mage-sparse-commit", action=argparse.BooleanOptionalAction, default=None,

@@ -155,7 +155,7 @@ for job in "$@"; do
       wait "$robust_pid"; echo "robustness rc=$?"; tr '\r' '\n' < "$R/robustness.log" | grep -v "Ignore import" | tail -12 ;;
     tests)
       timeout 300 python -m pytest -m gpu -q -p no:cacheprovider tests/ops tests/gpu/test_flashinfer_lse.py \
-        tests/gpu/test_block_causal_gpu.py > "$R/gpu_tests.txt" 2>&1; tail -3 "$R/gpu_tests.txt" ;;
+        tests/gpu/test_block_causal_gpu.py tests/backend/test_side_stream.py > "$R/gpu_tests.txt" 2>&1; tail -3 "$R/gpu_tests.txt" ;;
     adapters|adapters2)  # two runs with different arguments: ADAPTERS_ARGS / ADAPTERS2_ARGS
       args=${ADAPTERS_ARGS:-}; [ "$job" = adapters2 ] && args=${ADAPTERS2_ARGS:-}
       ENGINE_JOBS_DIR="$R/$job-engines" timeout "${ADAPTERS_TIMEOUT:-480}" python benchmarks/adapters_check.py \

@@ -209,14 +209,16 @@ def test_quest_rescores_pages_with_every_steps_block_mean_query(world):
         assert torch.allclose(o, ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("fused_pass", ["one", "two"])
-def test_fused_first_step_is_exact_and_selects_by_block_mean_query_logits(world, fused_pass):
+@pytest.mark.parametrize("fused_pass,overlap", [("one", False), ("two", False), ("two", True)],
+                         ids=["one-pass", "two-pass", "two-pass-overlapped"])
+def test_fused_first_step_is_exact_and_selects_by_block_mean_query_logits(world, fused_pass, overlap):
     from sglang_mage.ops.first_step import fused_first_step_ref
 
     w = world
-    # pass two's exact pass is the `mean` selector's (the paged stand-in); the fixture fails any dense call
+    # pass two's exact pass is the `mean` selector's (the paged stand-in); the fixture fails any dense call.
+    # Overlapped, the selection is queued before the exact pass (on a side stream; inline on the CPU).
     backend = w.make(MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0, selector="fused",
-                                fused_pass=fused_pass))
+                                fused_pass=fused_pass, overlap_selection=overlap))
     q1 = torch.randn(2 * B, HQ, D)
     out1 = step(backend, w, q1)
     assert backend.plan.phase == Phase.FIRST

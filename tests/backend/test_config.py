@@ -31,6 +31,8 @@ def test_defaults():
         ("topk_method", "heap", "--mage-topk-method"),
         ("fused_pass", "three", "--mage-fused-pass"),
         ("graph_first_step", "on", "--mage-graph-first-step"),
+        ("overlap_selection", "yes", "--mage-overlap-selection"),
+        ("overlap_selection", True, "--mage-overlap-selection"),  # with the default `mean` selector
         ("quest_page_size", 0, "--mage-quest-page-size"),
         ("vote_min_k", 0, "--mage-vote-min-k"),
         ("vote_min_k", 4096, "--mage-vote-min-k"),  # above vote_max_k
@@ -41,6 +43,16 @@ def test_defaults():
 def test_invalid_values_name_the_flag(field, value, flag):
     with pytest.raises(MageConfigError, match=flag):
         MageConfig(**{field: value})
+
+
+def test_overlap_selection_needs_the_fused_two_pass_selector():
+    assert MageConfig(selector="fused", fused_pass="two", overlap_selection=True).overlap_selection
+    with pytest.raises(MageConfigError, match="--mage-overlap-selection: needs --mage-selector fused"):
+        MageConfig(selector="fused", fused_pass="one", overlap_selection=True)
+    parser = argparse.ArgumentParser()
+    config.add_cli_args(parser)
+    args = parser.parse_args(["--mage-selector", "fused", "--mage-overlap-selection"])
+    assert config.resolve(config.values_from_namespace(args)).overlap_selection is True
 
 
 def test_unknown_option_is_rejected():

@@ -35,8 +35,9 @@ def flashinfer_graph_planning(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("selector", [{"selector": "mean"}, {"selector": "fused", "fused_pass": "two"}],
-                         ids=["mean", "fused-two-pass"])
+@pytest.mark.parametrize("selector", [{"selector": "mean"}, {"selector": "fused", "fused_pass": "two"},
+                                      {"selector": "fused", "fused_pass": "two", "overlap_selection": True}],
+                         ids=["mean", "fused-two-pass", "fused-two-pass-overlapped"])
 def test_first_step_replays_with_the_eager_output_and_selection(monkeypatch, flashinfer_graph_planning, selector):
     graph = World(monkeypatch, MageConfig(**{**CFG, **selector, "graph_first_step": True}), capture_bs=(2,))
     eager = World(monkeypatch, MageConfig(**{**CFG, **selector, "graph_first_step": False}), capture_bs=(2,))
