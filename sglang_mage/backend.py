@@ -105,6 +105,8 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         self.workspace_reqs = max_reqs
         self.workspace = alloc_batch_workspace(max_reqs, *self.workspace_shape, device)
         self.side_stream = SideStream()  # --mage-overlap-selection
+        if cfg.overlap_selection:
+            self.side_stream.prepare(device)
         self.vote = None
         if cfg.selector == "vote":
             self.vote = VoteSelector(cfg, num_layers, rows, device)

@@ -24,21 +24,36 @@ class SideStream:
     def __init__(self) -> None:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
+    @staticmethod
+    def _key(device: torch.device | str) -> torch.device | None:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        # "cuda" and "cuda:0" must name one stream
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+    def prepare(self, device: torch.device | str) -> torch.cuda.Stream | None:
+        """Create the side stream now (at backend set-up), not at the first fork, which may be under capture.
+        Returns it (None off CUDA)."""
+        key = self._key(device)
+        if key is not None and key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(key)
+        return self._streams.get(key) if key is not None else None
+
     @contextlib.contextmanager
     def fork(self, device: torch.device):
         """Run the body on the side stream, after the work already queued on the current stream."""
-        if device.type != "cuda":
+        side = self.prepare(device)
+        if side is None:
             yield
             return
-        side = self._streams.get(device)
-        if side is None:
-            side = self._streams[device] = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             yield
 
     def join(self, device: torch.device) -> None:
         """The current stream waits for everything queued on the side stream so far."""
-        side = self._streams.get(device) if device.type == "cuda" else None
+        key = self._key(device)
+        side = self._streams.get(key) if key is not None else None
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)

@@ -12,7 +12,7 @@ def test_cpu_runs_inline_and_join_is_a_noop():
     with side.fork(x.device):
         x += 1
     side.join(x.device)
-    assert x.tolist() == [1.0] * 4 and not side._streams
+    assert x.tolist() == [1.0] * 4 and not side._streams and side.prepare("cpu") is None
 
 
 @pytest.mark.gpu
@@ -26,7 +26,8 @@ def test_gpu_fork_join_orders_both_ways():
         b = a * 3  # must see the fill queued before the fork
     side.join(dev)
     c = b + 1  # must see the side work
-    assert torch.cuda.current_stream(dev) != side._streams[dev]
+    assert side.prepare("cuda") is side.prepare(torch.device("cuda", torch.cuda.current_device()))
+    assert torch.cuda.current_stream(dev) != side.prepare(dev)
     assert float(c[-1]) == 7.0 and bool((c == 7.0).all())
 
 
