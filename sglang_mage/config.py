@@ -197,6 +197,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help=f"Prefix length below which attention stays exact (default {d.min_context}).")
     g.add_argument("--mage-sparse-commit", action=argparse.BooleanOptionalAction, default=None,
                    help=f"Use the cached indices for the commit pass too (default {d.sparse_commit}).")
+    g.add_argument("--mage-quest-page-size", type=int, default=None,
+                   help=f"quest: positions per page of the min/max key bounds (default {d.quest_page_size}).")
     g.add_argument("--mage-vote-min-k", type=int, default=None, help=f"vote: per-layer budget floor (default {d.vote_min_k}).")
     g.add_argument("--mage-vote-max-k", type=int, default=None, help=f"vote: per-layer budget cap (default {d.vote_max_k}).")
     g.add_argument("--mage-force-sparse", action="store_true", default=None,

@@ -55,6 +55,17 @@ def test_overlap_selection_needs_the_fused_two_pass_selector():
     assert config.resolve(config.values_from_namespace(args)).overlap_selection is True
 
 
+def test_every_option_has_a_flag():
+    import dataclasses
+
+    parser = argparse.ArgumentParser()
+    config.add_cli_args(parser)
+    dests = {a.dest for a in parser._actions}
+    assert [f.name for f in dataclasses.fields(MageConfig) if config.KWARG_PREFIX + f.name not in dests] == []
+    args = parser.parse_args(["--mage-selector", "quest", "--mage-quest-page-size", "32"])
+    assert config.resolve(config.values_from_namespace(args)).quest_page_size == 32
+
+
 def test_unknown_option_is_rejected():
     with pytest.raises(MageConfigError, match="unknown MAGE option"):
         MageConfig.from_mapping({"topk": 3})

@@ -34,9 +34,13 @@ def test_launch_server_help_lists_mage_and_its_flags():
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
     assert "mage" in text.split("--attention-backend", 1)[1].split("--", 1)[0]
-    for flag in ("--mage-k", "--mage-sink-tokens", "--mage-local-window", "--mage-selector", "--mage-min-context",
-                 "--mage-sparse-commit", "--no-mage-sparse-commit", "--mage-vote-min-k", "--mage-force-sparse",
-                 "--mage-prefill-chunk-size"):
+    import dataclasses
+
+    from sglang_mage.config import MageConfig
+
+    # every option has its flag (derived from the config, so a new option cannot miss one)
+    flags = ["--mage-" + f.name.replace("_", "-") for f in dataclasses.fields(MageConfig)]
+    for flag in flags + ["--no-mage-sparse-commit", "--no-mage-graph-first-step", "--no-mage-overlap-selection"]:
         assert flag in text, flag
 
 
