@@ -114,11 +114,14 @@ def measure(name, context, batch, k, B=32, quick=False):
     mq()
     row("qmean_scores", bench_graph(mq), score_max_err=round(float((qscores - want_scores).abs().max()), 4))
     for method in ("torch", "radix"):
-        def two_pass():
-            dense.run(p["q"])
+        def select():
             mq()
             select_topk(qscores, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens,
                         topk_method=method)
+
+        def two_pass():
+            dense.run(p["q"])
+            select()
 
         row("fused_two_pass", bench_graph(two_pass), {"method": method})
         # The same with the scores and top-k on a side stream beside the dense pass (--mage-overlap-selection).
@@ -128,9 +131,7 @@ def measure(name, context, batch, k, B=32, quick=False):
 
         def overlapped():
             with side.fork(p["q"].device):
-                mq()
-                select_topk(qscores, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots,
-                            sel_lens, topk_method=method)
+                select()
             dense.run(p["q"])
             side.join(p["q"].device)
 

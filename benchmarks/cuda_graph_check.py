@@ -26,6 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from e2e_correctness import prompts, read_stats, write_model_dir  # noqa: E402
 
+# MageConfig fields this check can set for both engines, each its own flag (--selector, --fused-pass, ...)
+OPTIONS = ("selector", "fused_pass", "topk_method", "overlap_selection")
+
 
 def run(model_dir, algorithm, ids, stats_path, graph: bool, graph_first_step: bool = False, mage=None):
     import sglang as sgl
@@ -57,9 +60,7 @@ def main() -> int:
     ap.add_argument("--overlap-selection", action="store_true", help="--mage-overlap-selection for both engines")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    mage = {k: v for k, v in (("selector", args.selector), ("fused_pass", args.fused_pass),
-                              ("topk_method", args.topk_method),
-                              ("overlap_selection", args.overlap_selection or None)) if v is not None}
+    mage = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) not in (None, False)}
     tmp = tempfile.mkdtemp(prefix="mage-graph-")
     model_dir = write_model_dir(tmp)
     ids = prompts([37, 130, 257, 1000, 4000], seed=5)
@@ -87,13 +88,10 @@ def main() -> int:
         failures.append("the index cache is not empty after all requests")
     if args.out:
         with open(args.out, "w") as f:
-            import dataclasses
-
             from sglang_mage.config import MageConfig
 
             # the options both engines ran with: the given ones over the plugin's defaults (k etc. from run())
-            effective = {f: v for f, v in dataclasses.asdict(MageConfig(**mage)).items()
-                         if f in ("selector", "fused_pass", "topk_method", "overlap_selection")}
+            effective = {name: getattr(MageConfig(**mage), name) for name in OPTIONS}
             json.dump({"algorithm": args.algorithm, "graph_first_step": args.graph_first_step, "mage": mage,
                        "mage_effective": effective,
                        "prompt_lens": [len(p) for p in ids],

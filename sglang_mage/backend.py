@@ -291,18 +291,19 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
     def _fused_first(self, q3, k, v, layer, forward_batch, save_kv_cache):
         """`fused` selector: exact attention and block-mean-query scores, in one Triton pass over K or (with
         --mage-fused-pass two) FlashInfer's exact pass followed by a scores pass over K."""
-        if self.mage.fused_pass == "two" and self.mage.overlap_selection and self.max_prefix:
-            # Scores and top-k read q and the prefix keys only (not the block's KV the exact pass writes),
-            # so they run on a side stream beside FlashInfer's exact pass and join before the layer returns.
-            with self.side_stream.fork(q3.device):
-                self._select_by_mean_query(q3, layer, forward_batch)
-            o, _ = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
-            self.side_stream.join(q3.device)
-        elif self.mage.fused_pass == "two":
+        if self.mage.fused_pass == "two":
             # The `mean` selector's exact pass (its LSE unused here): the path first-step graphs capture.
-            o, _ = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
-            if self.max_prefix:
-                self._select_by_mean_query(q3, layer, forward_batch)
+            if self.mage.overlap_selection and self.max_prefix:
+                # Scores and top-k read q and the prefix keys only (not the block's KV the exact pass writes),
+                # so they run on a side stream beside the exact pass and join before the layer returns.
+                with self.side_stream.fork(q3.device):
+                    self._select_by_mean_query(q3, layer, forward_batch)
+                o, _ = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
+                self.side_stream.join(q3.device)
+            else:
+                o, _ = self._exact_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
+                if self.max_prefix:
+                    self._select_by_mean_query(q3, layer, forward_batch)
         else:
             req_to_token = self.req_to_token_pool.req_to_token
             if save_kv_cache and k is not None:
@@ -326,13 +327,14 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         self._write_selection(scores, layer, forward_batch)
 
     def _write_selection(self, scores, layer, forward_batch) -> None:
+        """Top-k of one layer's prefix scores (plus sinks and local window) into its index-cache rows."""
         cfg = self.mage
         sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
         select_topk(
             scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, self.req_to_token_pool.req_to_token,
             forward_batch.req_pool_indices, sel_slots, sel_lens, topk_method=cfg.topk_method,
         )
-        if self.graph_mode == "eager":  # as in _select: a replayed first step never reaches Python
+        if self.graph_mode == "eager":  # a replayed first step never reaches Python
             self.index_cache.stats.select_layer_calls += 1
 
     def _select(self, q3, lse, layer, forward_batch) -> None:
@@ -341,7 +343,6 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
             return
         cfg = self.mage
         k_buf, _ = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
         req_to_token = self.req_to_token_pool.req_to_token
         if cfg.selector == "quest":
             cached = self.quest_bounds.get(layer.layer_id)
@@ -354,26 +355,21 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
             _, kmin, kmax = cached
             q_mean = block_mean_query(q3, self.qo_indptr, self.num_kv_heads, self.block_size)
             scores = quest_position_scores(q_mean, kmin, kmax, self.prefix_lens, cfg.quest_page_size, self.max_prefix)
-            select_topk(
-                scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
-                forward_batch.req_pool_indices, sel_slots, sel_lens, topk_method=cfg.topk_method,
-            )
+            self._write_selection(scores, layer, forward_batch)
         elif self.vote is not None:
+            sel_slots, sel_lens = self.index_cache.layer_view(layer.layer_id)
             self.vote.select(
                 layer.layer_id, q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices,
                 self.prefix_lens, lse, layer.scaling, self.block_size, self.max_prefix, sel_slots, sel_lens,
             )
+            if self.graph_mode == "eager":  # as in _write_selection
+                self.index_cache.stats.select_layer_calls += 1
         else:
             scores = block_mean_scores(
                 q3, k_buf, self.qo_indptr, req_to_token, forward_batch.req_pool_indices, self.prefix_lens,
                 lse, layer.scaling, self.block_size, self.max_prefix, lse_is_log2=True,
             )
-            select_topk(
-                scores, self.prefix_lens, cfg.k, cfg.sink_tokens, cfg.local_window, req_to_token,
-                forward_batch.req_pool_indices, sel_slots, sel_lens, topk_method=cfg.topk_method,
-            )
-        if self.graph_mode == "eager":  # a replayed first step never reaches Python
-            self.index_cache.stats.select_layer_calls += 1
+            self._write_selection(scores, layer, forward_batch)
 
     def _maybe_dump(self, q3, k_buf, v_buf, sel_slots, sel_lens, o, layer, forward_batch) -> None:
         """With $SGLANG_MAGE_DUMP_DIR set, save the inputs and output of the first sparse call of layer 1 whose
