@@ -222,7 +222,7 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
         o = sparse_block_attention(
             q3, k_buf, v_buf, self.qo_indptr, self.req_to_token_pool.req_to_token,
             forward_batch.req_pool_indices, self.prefix_lens, sel_slots, sel_lens, layer.scaling,
-            self.block_size, out=out, workspace=self.workspace,
+            self.block_size, out=out, workspace=self.workspace, pdl=self.mage.pdl,
         )
         if eager:  # replays bypass Python; they are counted in stats.graph_sparse_forwards
             self.index_cache.stats.sparse_layer_calls += 1

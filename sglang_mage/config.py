@@ -19,6 +19,7 @@ ENV_VAR = "SGLANG_MAGE_CONFIG"
 SELECTORS = ("mean", "vote", "fused", "quest", "oracle", "dense")
 TOPK_METHODS = ("torch", "radix")
 FUSED_PASSES = ("one", "two")
+PDL_MODES = ("off", "merge", "full")
 
 
 class MageConfigError(ValueError):
@@ -53,9 +54,18 @@ class MageConfig:
     fused_pass: str = "two"
     # `fused` with `two` only: run the scores pass and the top-k on a second CUDA stream beside FlashInfer's
     # exact pass (they read q and the prefix keys, not that pass's output; sglang_mage/side_stream.py). The
-    # exact pass runs at ~1.2-1.3 TB/s on these shapes, leaving HBM bandwidth for the GEMV. Off until the
-    # GPU has timed it (bench_first_step.py's `fused_two_overlap` rows).
+    # exact pass runs at ~1.2-1.3 TB/s on these shapes, leaving HBM bandwidth for the GEMV. On the H200 it
+    # took the first step from 1.22-1.48x to 1.15-1.35x a dense step (results/raw/first_step_overlap_h200.json);
+    # end to end that gain is within run-to-run host spread (run J), and it needs `fused`, so it is opt-in.
     overlap_selection: bool = False
+    # Programmatic dependent launch of the sparse step (Hopper and later; ignored elsewhere): `merge` lets the
+    # split merge's launch start while the split kernel runs, `full` also starts the split kernel while the
+    # kernel before it (the block's KV write) finishes. Each program waits on the device before it reads
+    # anything that kernel may write (ops/sparse_attention/kernel.py); the batch plan it reads before that
+    # is written before the forward starts. On the H200 `full` was the fastest mode at every point timed
+    # (batch 1, k=512: 10.69 -> 9.65 us per layer; results/raw/kernels_merge_unroll_h200.json), and graph
+    # and eager engines gave the same tokens with it (results/raw/cuda_graph_check_pdl_full_h200.json).
+    pdl: str = "full"
     # Below this prefix length a request's attention stays exact at every step.
     min_context: int = 2048
     # Whether the commit pass (the forward after the last [MASK] is filled, which writes the final KV)
@@ -93,6 +103,7 @@ class MageConfig:
         need(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}", self.selector)
         need(self.topk_method in TOPK_METHODS, "topk-method", f"must be one of {TOPK_METHODS}", self.topk_method)
         need(self.fused_pass in FUSED_PASSES, "fused-pass", f"must be one of {FUSED_PASSES}", self.fused_pass)
+        need(self.pdl in PDL_MODES, "pdl", f"must be one of {PDL_MODES}", self.pdl)
         need(1 <= self.vote_min_k <= self.vote_max_k, "vote-min-k", "must be in [1, --mage-vote-max-k]", self.vote_min_k)
         need(self.vote_max_k <= 65536, "vote-max-k", "must be <= 65536", self.vote_max_k)
         need(1 <= self.quest_page_size <= 1024, "quest-page-size", "must be in [1, 1024]", self.quest_page_size)
@@ -193,6 +204,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mage-overlap-selection", action=argparse.BooleanOptionalAction, default=None,
                    help="fused two-pass selector: compute the scores and the top-k on a second CUDA stream beside "
                         f"the exact pass (default {d.overlap_selection}).")
+    g.add_argument("--mage-pdl", choices=PDL_MODES, default=None,
+                   help="Programmatic dependent launch of the sparse step on Hopper+: merge (the split merge starts "
+                        "while the split kernel runs), full (the split kernel also starts while the KV write ends), "
+                        f"or off. Default {d.pdl}.")
     g.add_argument("--mage-min-context", type=int, default=None,
                    help=f"Prefix length below which attention stays exact (default {d.min_context}).")
     g.add_argument("--mage-sparse-commit", action=argparse.BooleanOptionalAction, default=None,

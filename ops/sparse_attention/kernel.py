@@ -14,42 +14,79 @@ call can be captured in a CUDA graph; per-request lengths are read on the device
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-# The split count comes from a sweep on the H200 (benchmarks/results/kernels_split_sweep.json: 7B shape,
-# 128K, B=32, batch 1/16, k 512/2048, 4 tiles x 9 split counts, graph replay). Splitting pays only while a
-# launch is short of one wave: at batch 16 (128 programs) one split beat three by 1.5x at k=512, and at
-# batch 1 about 100 keys per split (6 splits at k=512, 12 at k=2048) was within 5% of the best.
-_MIN_KEYS_PER_SPLIT = 96
+try:  # Triton >= 3.3 on CUDA: grid dependency control, for programmatic dependent launch (Hopper and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL is simply unavailable
+    gdc_launch_dependents = gdc_wait = None
+
+# The split count and tiles come from sweeps on the H200 (7B shape, 128K, B=32, batch 1/16, k 512/2048,
+# graph replay: benchmarks/results/kernels_split_sweep.json, raw/kernels_merge_unroll_h200.json). Splitting
+# pays only while a launch is short of one wave: at batch 16 one split beat three by 1.5x at k=512. At batch
+# 1 the split path is fastest with 64 x 32 tiles (16 programs per split at the 7B shape, so eight splits
+# fill most of a wave) and about 75 keys per split: 8 splits at k=512 took 10.69 us against 11.28 at 6.
+# The merge is unrolled per split count and runs 16-row tiles: 1.1-1.7 us faster than 32-row tiles at every
+# batch-1 point of that sweep. With --mage-pdl full the 8-split step took 9.65 us.
+_MIN_KEYS_PER_SPLIT = 72
 _WAVE_PROGRAMS = 132  # SMs of an H100/H200
 _MAX_SPLITS = 12
+_MERGE_BLOCK_M = 16
 
 
-def _tile_sizes(group: int, max_extend_len: int, head_dim: int, head_dim_v: int) -> tuple[int, int, int, int, int]:
+def _tile_sizes(group: int, max_extend_len: int, head_dim: int, head_dim_v: int,
+                split: bool = False) -> tuple[int, int, int, int, int]:
+    """(rows, block_m, block_n, block_d, block_dv) of a launch: `split` for the split path's smaller tiles."""
     rows = max_extend_len * group
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
     # A 256x128 fp32 accumulator plus its Q tile does not fit one CTA's registers; cap the row tile and
     # let extra tiles become extra programs (they re-gather the same keys, which L2 mostly absorbs).
-    cap = 128 if max(block_d, block_dv) <= 128 else 64
+    # The split path walks ~75 keys per program, so more, smaller programs beat fewer, fuller ones there.
+    cap = 64 if split or max(block_d, block_dv) > 128 else 128
     block_m = min(max(16, triton.next_power_of_2(rows)), cap)
-    block_n = 64 if max(block_d, block_dv) <= 128 else 32
+    block_n = 32 if split or max(block_d, block_dv) > 128 else 64
     return rows, block_m, block_n, block_d, block_dv
+
+
+def _default_num_stages(direct: bool) -> int:
+    """Pipeline depth from the H200 sweeps (results/raw/kernels_stage_sweep_h200.json and
+    kernels_pdl_timeline_h200.json; 7B shape, 128K). Triton puts the selection-index loads one stage ahead
+    of the K/V gathers they address, so K/V tiles in flight grow by one per two stages. One split, whose
+    program walks the whole selection, gains from depth (batch 16, k=2048: 95.8 us at 2 stages, 83.5 at 3,
+    68.8 at 5, 71.5 at 7; k=512: 25.8 at 3, 24.3 at 5); the split path's short walks lose (6 splits, batch
+    1, k=512: 12.9 us at 2, 14.2 at 5). Five stages were only timed, not yet checked against the reference
+    on a GPU (the interpreter ignores num_stages; test_gpu_bf16_error_bound covers them), so the one-split
+    default stays at 3 until that test has run; five also need ~135 KB of shared memory per program."""
+    return 3 if direct else 2
 
 
 def default_num_splits(
     num_reqs: int, num_kv_heads: int, group: int, max_extend_len: int, k_max: int, head_dim: int = 128
 ) -> int:
     """Split count used when the caller gives none: as many splits as keep the launch within one wave, but
-    never so many that a split holds fewer than _MIN_KEYS_PER_SPLIT keys. Pure function of shapes (CUDA-graph
-    safe)."""
-    rows, block_m, *_ = _tile_sizes(group, max_extend_len, head_dim, head_dim)
+    never so many that a split holds fewer than _MIN_KEYS_PER_SPLIT keys, programs counted at the split
+    path's tiles. Pure function of shapes (CUDA-graph safe)."""
+    rows, block_m, *_ = _tile_sizes(group, max_extend_len, head_dim, head_dim, split=True)
     programs = max(1, num_reqs * num_kv_heads * triton.cdiv(rows, block_m))
     by_keys = max(1, (k_max + max_extend_len) // _MIN_KEYS_PER_SPLIT)
     return max(1, min(_WAVE_PROGRAMS // programs, by_keys, _MAX_SPLITS))
+
+
+PDL_MODES = ("off", "merge", "full")
+
+
+def pdl_available(device: torch.device | str) -> bool:
+    """Programmatic dependent launch needs a Hopper-or-later CUDA GPU, a Triton with grid dependency control,
+    and compiled code (the interpreter runs no inline PTX)."""
+    if gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return False
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def alloc_workspace(
@@ -94,7 +131,7 @@ def alloc_batch_workspace(
 def alloc_merge_counters(max_reqs: int, num_kv_heads: int, max_extend_len: int, group: int, head_dim: int,
                          device: torch.device | str, block_m: int | None = None) -> torch.Tensor:
     """Zeroed int32 arrival counters for sparse_block_attention(merge_counters=...): one per row tile."""
-    rows, default_m, *_ = _tile_sizes(group, max_extend_len, head_dim, head_dim)
+    rows, default_m, *_ = _tile_sizes(group, max_extend_len, head_dim, head_dim, split=True)
     return torch.zeros(max_reqs * num_kv_heads * triton.cdiv(rows, block_m or default_m), dtype=torch.int32,
                        device=device)
 
@@ -110,16 +147,24 @@ def _sparse_block_attn_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, IEEE_DOT: tl.constexpr, LAST_MERGES: tl.constexpr,
+    PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
 ):
     r = tl.program_id(0)
     h = tl.program_id(1) // num_m_tiles
     mt = tl.program_id(1) % num_m_tiles
     split = tl.program_id(2)
 
+    if PDL_TRIGGER:  # the merge launch may start now; its programs wait for this grid before reading
+        gdc_launch_dependents()
     q_start = tl.load(qo_indptr_ptr + r)
     ext_len = tl.load(qo_indptr_ptr + r + 1) - q_start
     pool = tl.load(pool_idx_ptr + r).to(tl.int64)
     prefix = tl.load(prefix_ptr + r)
+    if PDL_WAIT:
+        # Launched before the previous kernel finished: only the per-batch plan (written before the forward
+        # began) is read above. Everything below may come from that kernel: the selection (quest and oracle
+        # select right before this step), the block's K/V write, Q, and the buffers a previous merge reads.
+        gdc_wait()
     sel_len = tl.load(sel_len_ptr + pool * stride_sl0 + h * stride_sl1)
     total = sel_len + ext_len
     # Chunks are rounded to whole key tiles so only a list's last tile is partial; trailing splits of a
@@ -206,29 +251,49 @@ def _sparse_block_attn_fwd(
                 o_rows = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
                 _merge_tile(out_ptr, lse_ptr + r.to(tl.int64) * stride_lr + h * stride_lh + offs_m,
                             part0 + offs_m[:, None] * stride_pm + offs_dv[None, :], o_rows, row_ok, dv_ok,
-                            stride_ls, stride_ps, num_splits, BLOCK_M, BLOCK_DV)
+                            stride_ls, stride_ps, num_splits, 0, BLOCK_M, BLOCK_DV)
                 tl.store(counter, 0)  # ready for the next call (and the next graph replay)
 
 
 @triton.jit
+def _split_lse(lse_base, s, stride_ls, row_ok):
+    return tl.load(lse_base + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+
+
+@triton.jit
+def _add_split(acc, den, m, lse_base, part_base, s, stride_ls, stride_ps, row_ok, dv_ok):
+    w = tl.exp2(_split_lse(lse_base, s, stride_ls, row_ok) - m)
+    # An empty split has w == 0; it stored O = 0, and the where() keeps it harmless regardless.
+    o = tl.load(part_base + s * stride_ps, mask=row_ok[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
+    return acc + tl.where(w[:, None] > 0.0, o * w[:, None], 0.0), den + w
+
+
+@triton.jit
 def _merge_tile(out_ptr, lse_base, part_base, o_rows, row_ok, dv_ok, stride_ls, stride_ps, num_splits,
-                BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """out rows of one row tile = the splits' partial outputs weighted by their LSE (flash-decoding). Loads
-    bypass L1 (.cg): in the last-program merge they read partials other programs wrote moments before."""
+    bypass L1 (.cg): in the last-program merge they read partials other programs wrote moments before.
+    With NUM_SPLITS > 0 (the split count as a constant) the loops unroll, so every split's loads are in
+    flight at once; a runtime loop waits out one load latency per split (4.8 of a 12.7 us batch-1 step on
+    the H200, results/raw/kernels_pdl_timeline_h200.json)."""
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(num_splits):
-        m = tl.maximum(m, tl.load(lse_base + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+    if NUM_SPLITS > 0:
+        for s in tl.static_range(NUM_SPLITS):
+            m = tl.maximum(m, _split_lse(lse_base, s, stride_ls, row_ok))
+    else:
+        for s in range(num_splits):
+            m = tl.maximum(m, _split_lse(lse_base, s, stride_ls, row_ok))
     # Rows with no keys anywhere (only padding rows, in practice) keep m = -inf; shift by 0 so that
     # exp2(-inf - 0) = 0 instead of NaN.
     m = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in range(num_splits):
-        w = tl.exp2(tl.load(lse_base + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m)
-        # An empty split has w == 0; it stored O = 0, and the where() keeps it harmless regardless.
-        o = tl.load(part_base + s * stride_ps, mask=row_ok[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
-        acc += tl.where(w[:, None] > 0.0, o * w[:, None], 0.0)
-        den += w
+    if NUM_SPLITS > 0:
+        for s in tl.static_range(NUM_SPLITS):
+            acc, den = _add_split(acc, den, m, lse_base, part_base, s, stride_ls, stride_ps, row_ok, dv_ok)
+    else:
+        for s in range(num_splits):
+            acc, den = _add_split(acc, den, m, lse_base, part_base, s, stride_ls, stride_ps, row_ok, dv_ok)
     o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
     tl.store(out_ptr + o_rows[:, None] + tl.arange(0, BLOCK_DV)[None, :], o.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dv_ok[None, :])
@@ -240,6 +305,7 @@ def _merge_splits(
     stride_ot, stride_oh, stride_pr, stride_ph, stride_ps, stride_pm, stride_lr, stride_lh, stride_ls,
     num_splits, num_m_tiles, M_ROWS,
     HEAD_DIM_V: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PDL_WAIT: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     r = tl.program_id(0)
     h = tl.program_id(1) // num_m_tiles
@@ -255,8 +321,10 @@ def _merge_splits(
     lse_base = lse_ptr + r.to(tl.int64) * stride_lr + h * stride_lh + offs_m
     part_base = o_part_ptr + r.to(tl.int64) * stride_pr + h * stride_ph + offs_m[:, None] * stride_pm + offs_dv[None, :]
     o_rows = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+    if PDL_WAIT:  # launched while the split kernel still runs: its partials are complete only past this
+        gdc_wait()
     _merge_tile(out_ptr, lse_base, part_base, o_rows, row_ok, offs_dv < HEAD_DIM_V, stride_ls, stride_ps, num_splits,
-                BLOCK_M, BLOCK_DV)
+                NUM_SPLITS, BLOCK_M, BLOCK_DV)
 
 
 def sparse_block_attention(
@@ -279,6 +347,8 @@ def sparse_block_attention(
     merge_counters: torch.Tensor | None = None,
     num_stages: int | None = None,
     num_warps: int | None = None,
+    pdl: str = "off",
+    merge_block_m: int | None = None,
 ) -> torch.Tensor:
     """Block queries attend to [selected prefix slots of their KV head | the block's own tokens].
 
@@ -291,8 +361,14 @@ def sparse_block_attention(
     `merge_counters` (int32, zeroed once, >= R x Hkv x row tiles; alloc_merge_counters) the last split of each
     row tile merges the splits itself, one launch instead of two; every call leaves them zeroed again. It
     measured 1-9 us slower than two launches under graph replay on the H200 (kernels_split_sweep.json), so
-    it is off by default. num_stages / num_warps override the launch (pipeline depth: 3 with one split, else
-    2; warps: 8 for 128x128 tiles, else 4), for sweeps. No host sync: graph-capturable.
+    it is off by default. num_stages / num_warps override the launch (pipeline depth: _default_num_stages,
+    warps: 8 for 128x128 tiles, else 4), for sweeps. `pdl` (PDL_MODES) uses programmatic dependent
+    launch where pdl_available(): "merge" lets the merge launch start while the split kernel runs, "full"
+    also launches the split kernel itself before the previous kernel ends. It then reads qo_indptr,
+    req_pool_indices and prefix_lens before waiting for that kernel, so with "full" they must not come
+    from the kernel launched just before (the backend plans them before the forward); everything else is
+    read after the wait. Elsewhere it is "off", the default here. merge_block_m overrides the merge's row tile (a power
+    of two >= 16; default _MERGE_BLOCK_M). No host sync: graph-capturable.
     """
     num_tokens, hq, head_dim = q.shape
     _, hkv, head_dim_k = k_buffer.shape
@@ -309,17 +385,18 @@ def sparse_block_attention(
     if num_reqs == 0:
         return out
 
-    rows, default_m, default_n, block_d, block_dv = _tile_sizes(group, max_extend_len, head_dim, head_dim_v)
-    for name, tile in (("block_m", block_m), ("block_n", block_n)):
+    for name, tile in (("block_m", block_m), ("block_n", block_n), ("merge_block_m", merge_block_m)):
         assert tile is None or (tile >= 16 and tile & (tile - 1) == 0), f"{name} must be a power of two >= 16"
-    block_m, block_n = block_m or default_m, block_n or default_n
-    num_m_tiles = triton.cdiv(rows, block_m)
     flat = workspace is not None and workspace[0].dim() == 1
     if num_splits is None:
         num_splits = workspace[0].shape[2] if workspace is not None and not flat else default_num_splits(
             num_reqs, hkv, group, max_extend_len, k_max, head_dim
         )
     direct = num_splits == 1
+    rows, default_m, default_n, block_d, block_dv = _tile_sizes(group, max_extend_len, head_dim, head_dim_v,
+                                                                split=not direct)
+    block_m, block_n = block_m or default_m, block_n or default_n
+    num_m_tiles = triton.cdiv(rows, block_m)
     if flat and not direct:
         n = num_reqs * hkv * num_splits * rows
         assert workspace[0].numel() >= n * head_dim_v and workspace[1].numel() >= n, (
@@ -345,10 +422,13 @@ def sparse_block_attention(
     assert (num_stages is None or num_stages >= 1) and (num_warps is None or num_warps in (1, 2, 4, 8, 16)), (
         "bad num_stages / num_warps")
     num_warps = num_warps or (8 if block_m * max(block_d, block_dv) >= 128 * 128 else 4)
-    # From the H200 sweep (benchmarks/results/raw/kernels_stage_sweep_h200.json, 7B shape, 128K): one split,
-    # whose program walks the whole selection, gains from a third stage (batch 16, k=2048: 95.8 -> 83.5 us;
-    # k=512: 27.4 -> 25.7 us); the split path's short walks do not (6 splits, batch 1: 12.6 vs 13.7 us).
-    num_stages = num_stages or (3 if direct else 2)
+    num_stages = num_stages or _default_num_stages(direct)
+    assert pdl in PDL_MODES, f"pdl must be one of {PDL_MODES}, got {pdl!r}"
+    if pdl != "off" and not pdl_available(q.device):
+        pdl = "off"
+    pdl_merge = pdl != "off" and not direct and merge_counters is None
+    # launch_pdl only where it is on: the interpreter's launcher takes no such option.
+    main_launch = {"launch_pdl": True} if pdl == "full" else {}
     grid = (num_reqs, hkv * num_m_tiles, num_splits)
     last_merges = merge_counters is not None and not direct
     if last_merges:
@@ -365,15 +445,18 @@ def sparse_block_attention(
         sm_scale * math.log2(math.e), num_splits, num_m_tiles, rows,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, G=group,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DIRECT=direct, IEEE_DOT=ieee, LAST_MERGES=last_merges, num_warps=num_warps, num_stages=num_stages,
+        DIRECT=direct, IEEE_DOT=ieee, LAST_MERGES=last_merges, PDL_WAIT=pdl == "full", PDL_TRIGGER=pdl_merge,
+        num_warps=num_warps, num_stages=num_stages, **main_launch,
     )
     if not direct and not last_merges:
-        merge_m = min(block_m, 32)
+        merge_m = merge_block_m or _MERGE_BLOCK_M
         merge_tiles = triton.cdiv(rows, merge_m)
         _merge_splits[(num_reqs, hkv * merge_tiles)](
             out, o_part, lse, qo_indptr,
             out.stride(0), out.stride(1), *part_strides, *lse_strides,
             num_splits, merge_tiles, rows,
-            HEAD_DIM_V=head_dim_v, G=group, BLOCK_M=merge_m, BLOCK_DV=block_dv, num_warps=4,
+            HEAD_DIM_V=head_dim_v, G=group, BLOCK_M=merge_m, BLOCK_DV=block_dv, PDL_WAIT=pdl_merge,
+            NUM_SPLITS=num_splits, num_warps=4,
+            **({"launch_pdl": True} if pdl_merge else {}),
         )
     return out

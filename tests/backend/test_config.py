@@ -30,6 +30,7 @@ def test_defaults():
         ("selector", "lsh", "--mage-selector"),
         ("topk_method", "heap", "--mage-topk-method"),
         ("fused_pass", "three", "--mage-fused-pass"),
+        ("pdl", "on", "--mage-pdl"),
         ("graph_first_step", "on", "--mage-graph-first-step"),
         ("overlap_selection", "yes", "--mage-overlap-selection"),
         ("overlap_selection", True, "--mage-overlap-selection"),  # with the default `mean` selector

@@ -11,8 +11,10 @@ import torch
 from tests.utils import DEVICE, ON_GPU, assert_close, max_abs_err  # noqa: E402
 
 from sglang_mage.ops.sparse_attention import (  # noqa: E402
+    PDL_MODES,
     alloc_workspace,
     default_num_splits,
+    pdl_available,
     sparse_block_attention,
     sparse_block_attention_ref,
 )
@@ -147,6 +149,29 @@ def test_launch_overrides(num_stages, num_warps):
     assert_close(out, ref, name=f"stages={num_stages} warps={num_warps}")
 
 
+@pytest.mark.parametrize("num_splits,merge_block_m", [(2, 16), (5, None), (12, 64)], ids=str)
+def test_merge_unrolled_per_split_count(num_splits, merge_block_m):
+    # The merge is compiled per split count (its loops unroll); each count and merge tile must merge right,
+    # empty trailing splits included (12 splits of a short list).
+    inp = make_inputs(32, 7, 64, torch.float32, seed=19 + num_splits, short_last=True)
+    out, ref = run_both(inp, num_splits=num_splits, merge_block_m=merge_block_m)
+    assert_close(out, ref, name=f"splits={num_splits} merge tile {merge_block_m}")
+
+
+def test_pdl_falls_back_where_unavailable():
+    # The interpreter (and pre-Hopper GPUs) run no grid dependency control: every mode must still give the
+    # reference's output, launched plainly.
+    inp = make_inputs(32, 7, 64, torch.float32, seed=17, short_last=True)
+    if not ON_GPU:
+        assert not pdl_available(DEVICE)
+    for mode in PDL_MODES:
+        for splits in (1, 3):
+            out, ref = run_both(inp, num_splits=splits, pdl=mode)
+            assert_close(out, ref, name=f"pdl={mode} splits={splits}")
+    with pytest.raises(AssertionError, match="pdl must be one of"):
+        sparse_block_attention(**inp, pdl="on")
+
+
 def test_tile_override_must_be_power_of_two():
     inp = make_inputs(4, 2, 64, torch.float32, seed=1)
     with pytest.raises(AssertionError, match="power of two"):
@@ -207,8 +232,10 @@ def test_last_program_merge_matches_reference_and_rezeroes_counters(block, group
 
 
 def test_default_num_splits_is_shape_only():
-    assert default_num_splits(1, 8, 4, 32, 4096) == 12  # capped
-    assert default_num_splits(1, 4, 7, 32, 592) == 6  # the 7B shape at k=512, batch 1: ~100 keys per split
+    assert default_num_splits(1, 8, 4, 32, 4096) == 8  # 16 programs per split: one wave at 8
+    assert default_num_splits(1, 4, 7, 32, 592) == 8  # the 7B shape at k=512, batch 1: ~75 keys per split
+    assert default_num_splits(1, 4, 7, 32, 2128) == 8  # k=2048: the wave, not the keys, caps it
+    assert default_num_splits(1, 1, 1, 4, 4096) == 12  # one small program: the split cap
     assert default_num_splits(16, 4, 7, 32, 2128) == 1  # batch 16: 128 programs already fill a wave
     assert default_num_splits(64, 8, 7, 32, 4096) == 1
     assert default_num_splits(1, 1, 1, 4, 16) == 1  # too few keys to split
@@ -244,14 +271,16 @@ def test_full_selection_equals_dense(block, group):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_splits", [None, 1], ids=["default-splits", "one-split"])
+@pytest.mark.parametrize("num_splits,num_stages", [(None, None), (1, None), (1, 5), (3, 5)],
+                         ids=["default-splits", "one-split", "one-split-5-stages", "3-splits-5-stages"])
 @pytest.mark.parametrize("block,group,head_dim", GRID)
-def test_gpu_bf16_error_bound(block, group, head_dim, num_splits):
+def test_gpu_bf16_error_bound(block, group, head_dim, num_splits, num_stages):
     # one-split: the direct path, compiled at its own pipeline depth (3 stages), which small shapes' default
-    # split counts never reach
+    # split counts never reach; 5 stages: the depth that timed fastest with one split (three K/V tiles in
+    # flight), whose output the interpreter cannot check (it ignores num_stages)
     seed = block * 100 + group * 10 + head_dim // 64 + 1
     inp = make_inputs(block, group, head_dim, torch.bfloat16, seed=seed, short_last=group != 2)
-    out = sparse_block_attention(**inp, out=nan_out(inp), num_splits=num_splits)
+    out = sparse_block_attention(**inp, out=nan_out(inp), num_splits=num_splits, num_stages=num_stages)
     ref32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inp.items()}
     ref = sparse_block_attention_ref(**ref32)
     assert not torch.isnan(out).any()
@@ -279,6 +308,36 @@ def test_gpu_cuda_graph_replay():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 1], ids=["default-splits", "one-split"])
+@pytest.mark.parametrize("pdl", ["merge", "full"])
+def test_gpu_pdl_waits_for_its_producers(pdl, num_splits):
+    # Captured as the engine runs it: kernels that write Q and shrink the selection lengths come right before
+    # the step (quest and oracle select there). A PDL launch that read either before its wait would race.
+    inp = make_inputs(32, 7, 128, torch.bfloat16, seed=23, short_last=True)
+    out = nan_out(inp)
+    new_q, new_lens = torch.randn_like(inp["q"]), inp["sel_lens"] // 2
+    big_q = torch.randn_like(inp["q"]) * 4
+
+    def step():
+        inp["q"].copy_(new_q)
+        inp["sel_lens"].copy_(new_lens)
+        sparse_block_attention(**inp, out=out, num_splits=num_splits, pdl=pdl)
+
+    step()  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        inp["q"].copy_(big_q)
+        inp["sel_lens"].fill_(0)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert max_abs_err(out, sparse_block_attention_ref(**inp)) <= 2e-2
+    assert torch.equal(inp["q"], new_q)
+
+
+@pytest.mark.gpu
 def test_gpu_int64_slot_addressing():
     # A pool big enough that slot * stride passes 2**31 elements: int32 address math would wrap.
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
@@ -298,3 +357,21 @@ def test_gpu_int64_slot_addressing():
     out = sparse_block_attention(**inp, out=nan_out(inp), num_splits=2)
     ref = sparse_block_attention_ref(**inp)
     assert max_abs_err(out, ref) <= 2e-2
+
+
+def test_pdl_modes_equal_the_flag_choices():
+    from sglang_mage.config import PDL_MODES as FLAG_CHOICES
+
+    assert PDL_MODES == FLAG_CHOICES
+
+
+
+def test_default_batch1_launch_is_the_measured_one():
+    # P1's 9.65 us (raw/kernels_merge_unroll_h200.json: 7B shape, batch 1, k=512 + 16 sink + 64 local)
+    # was timed at 64 x 32 tiles, 8 splits, 16-row merge tiles; the defaults must launch exactly that.
+    from sglang_mage.ops.sparse_attention import kernel
+
+    assert default_num_splits(1, 4, 7, 32, 592, 128) == 8
+    assert kernel._tile_sizes(7, 32, 128, 128, split=True)[1:3] == (64, 32)
+    assert kernel._tile_sizes(7, 32, 128, 128)[1:3] == (128, 64)  # one split (batch 16): the big tile
+    assert kernel._MERGE_BLOCK_M == 16 and kernel._default_num_stages(False) == 2
