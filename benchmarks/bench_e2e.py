@@ -88,6 +88,11 @@ BACKENDS = {
     # the same with the scores and top-k on a side stream beside the exact pass (--mage-overlap-selection)
     "mage_fused_overlap": dict(attention_backend="mage", mage_selector="fused", mage_fused_pass="two",
                                mage_overlap_selection=True),
+    # programmatic dependent launch of the sparse step (--mage-pdl), with the fused two-pass selector
+    "mage_fused_pdl_merge": dict(attention_backend="mage", mage_selector="fused", mage_fused_pass="two",
+                                 mage_pdl="merge"),
+    "mage_fused_pdl_full": dict(attention_backend="mage", mage_selector="fused", mage_fused_pass="two",
+                                mage_pdl="full"),
 }
 DEFAULT_BACKENDS = ["mage", "mage_quest", "flashinfer", "triton"]
 

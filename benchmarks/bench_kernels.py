@@ -20,8 +20,10 @@ key-split count (the JSON's `split_sweep` list, rows carry `num_splits`; `num_sp
 is the default the engine uses; a second mage_sparse row with `merge: last_program` times the one-launch
 merge at that count), at each `--tile-sweep` row x key tile given (rows carry block_m / block_n;
 None is the default tile), each `--merge-sweep` merge (two_launch, last_program; rows carry `merge`), and each
-`--stage-sweep` / `--warp-sweep` launch setting (rows carry num_stages / num_warps, None = default):
-the data for choosing default_num_splits(), the tiles and the merge. GPU only.
+`--stage-sweep` / `--warp-sweep` launch setting (rows carry num_stages / num_warps, None = default) and
+each `--pdl-sweep` programmatic-dependent-launch mode (rows carry `pdl`): the data for choosing
+default_num_splits(), the tiles and the merge. `--timeline` profiles the default step per PDL mode (rows
+carry `timeline`: kernel durations and the idle time between them, per captured call). GPU only.
 
 Usage: python benchmarks/bench_kernels.py [--quick] [--out PATH]
 """
@@ -40,7 +42,11 @@ sys.path.insert(0, HERE)
 from results_io import write_json  # noqa: E402
 from roofline import SHAPES  # noqa: E402
 
+from sglang_mage.config import MageConfig  # noqa: E402
+
 SINK, LOCAL, QUEST_PAGE = 16, 64, 16
+# The sparse rows launch as the engine does: with --mage-pdl at its default (split_sweep rows name theirs).
+ENGINE_PDL = MageConfig().pdl
 
 
 def make_pool(shape, batch, context, B, device="cuda", seed=0):
@@ -96,8 +102,42 @@ def bench_graph(fn) -> float | None:
         return None
 
 
+def kernel_timeline(fn, calls: int = 200) -> dict:
+    """Where a captured call's time goes: `fn` replayed from a CUDA graph `calls` times under the profiler
+    (CUPTI). Per call: each kernel's mean duration, `busy_us` (first kernel start to last kernel end),
+    `period_us` (start to start of consecutive calls) and `idle_us` = period - the kernels' summed duration
+    (launch gaps and dependency waits, the part that no faster kernel body removes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and e.time_range.end > e.time_range.start), key=lambda e: e.time_range.start)
+    per_call = len(kernels) // calls
+    if per_call == 0:
+        return {}
+    kernels = kernels[: per_call * calls]
+    starts = [kernels[i * per_call].time_range.start for i in range(calls)]
+    durations: dict[str, float] = {}
+    for e in kernels:
+        durations[e.name] = durations.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / calls
+    busy = sum(kernels[i * per_call + per_call - 1].time_range.end - starts[i] for i in range(calls)) / calls
+    period = (starts[-1] - starts[0]) / (calls - 1)
+    return {"kernels": {name: round(us, 2) for name, us in durations.items()}, "busy_us": round(busy, 2),
+            "period_us": round(period, 2), "idle_us": round(period - sum(durations.values()), 2)}
+
+
 def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_sweep=((None, None),),
-            merge_sweep=("two_launch",), stage_sweep=(None,), warp_sweep=(None,)):
+            merge_sweep=("two_launch",), stage_sweep=(None,), warp_sweep=(None,), pdl_sweep=("off",),
+            timeline=False, merge_m_sweep=(None,)):
     from sglang_mage.ops.first_step import fused_first_step
     from sglang_mage.ops.selection import block_mean_scores, select_topk
     from sglang_mage.ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
@@ -151,9 +191,10 @@ def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_s
                        sel_slots, sel_lens, scale, B)
         sparse_bytes = batch * (cap + B) * kv_bytes_tok
         def sparse_step():
-            sparse_block_attention(*sparse_args, out=out, workspace=ws)
+            sparse_block_attention(*sparse_args, out=out, workspace=ws, pdl=ENGINE_PDL)
 
-        row("mage_sparse", k, bench(sparse_step), sparse_bytes, bench_graph(sparse_step), num_splits=splits)
+        row("mage_sparse", k, bench(sparse_step), sparse_bytes, bench_graph(sparse_step), num_splits=splits,
+            pdl=ENGINE_PDL)
         if splits > 1:  # the same step with the last split of each row tile merging (one launch, not two)
             counters = alloc_merge_counters(batch, hkv, B, g, d, "cuda")
 
@@ -162,19 +203,33 @@ def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_s
 
             row("mage_sparse", k, bench(last_merge_step), sparse_bytes, bench_graph(last_merge_step),
                 num_splits=splits, merge="last_program")
-        for (bm, bn), n, merge, stages, warps in itertools.product(
-                tile_sweep if split_sweep else (), split_sweep, merge_sweep, stage_sweep, warp_sweep):
-            if merge == "last_program" and n == 1:
-                continue  # one split has nothing to merge
+        for pdl in pdl_sweep if timeline else ():
+            def pdl_step():
+                sparse_block_attention(*sparse_args, out=out, workspace=ws, pdl=pdl)
+
+            us = bench_graph(pdl_step)
+            sweep.append({"context": context, "k": k, "B": B, "batch": batch, "q_heads": shape.q_heads,
+                          "kv_heads": hkv, "head_dim": d, "num_splits": splits, "default_splits": splits,
+                          "block_m": None, "block_n": None, "merge": "two_launch", "num_stages": None,
+                          "num_warps": None, "pdl": pdl, "timeline": kernel_timeline(pdl_step),
+                          "us_graph": None if us is None else round(us, 2)})
+        for (bm, bn), n, merge, stages, warps, pdl, mm in itertools.product(
+                tile_sweep if split_sweep else (), split_sweep, merge_sweep, stage_sweep, warp_sweep, pdl_sweep,
+                merge_m_sweep):
+            if merge == "last_program" and (n == 1 or pdl != "off"):
+                continue  # one split has nothing to merge; the one-launch merge has no second launch to overlap
+            if (pdl == "merge" or mm is not None) and n == 1:
+                continue  # no merge launch: the same launch as "off" / the default merge tile
             ws_n = alloc_workspace(batch, hkv, B, g, d, n, "cuda") if n > 1 else None
             cnt = alloc_merge_counters(batch, hkv, B, g, d, "cuda", block_m=bm) if merge == "last_program" else None
             us = bench_graph(lambda: sparse_block_attention(*sparse_args, out=out, num_splits=n, workspace=ws_n,
                                                             block_m=bm, block_n=bn, merge_counters=cnt,
-                                                            num_stages=stages, num_warps=warps))
+                                                            num_stages=stages, num_warps=warps, pdl=pdl,
+                                                            merge_block_m=mm))
             sweep.append({"context": context, "k": k, "B": B, "batch": batch, "q_heads": shape.q_heads,
                           "kv_heads": hkv, "head_dim": d, "num_splits": n, "default_splits": splits,
                           "block_m": bm, "block_n": bn, "merge": merge, "num_stages": stages, "num_warps": warps,
-                          "us_graph": None if us is None else round(us, 2),
+                          "pdl": pdl, "merge_block_m": mm, "us_graph": None if us is None else round(us, 2),
                           "gbps_graph": None if not us else round(sparse_bytes / (us * 1e-6) / 1e9, 1)})
         kmin, kmax = page_bounds(p["k"], p["req_to_token"], p["rows"], p["prefix"], QUEST_PAGE, context)
 
@@ -182,7 +237,7 @@ def measure(shape, context, B, batch, ks, with_reference, split_sweep=(), tile_s
             qm = block_mean_query(p["q"], p["qo_indptr"], hkv, B)
             s = quest_position_scores(qm, kmin, kmax, p["prefix"], QUEST_PAGE, context)
             select_topk(s, p["prefix"], k, SINK, LOCAL, p["req_to_token"], p["rows"], sel_slots, sel_lens)
-            sparse_block_attention(*sparse_args, out=out, workspace=ws)
+            sparse_block_attention(*sparse_args, out=out, workspace=ws, pdl=ENGINE_PDL)
 
         bounds_bytes = 2 * kmin.numel() * kmin.element_size()
         row("quest_sparse", k, bench(quest_step), sparse_bytes + bounds_bytes)
@@ -223,6 +278,13 @@ def main(argv=None) -> int:
                     help="with --split-sweep: pipeline depths (num_stages) to sweep (0 = the kernel's default)")
     ap.add_argument("--warp-sweep", nargs="+", type=int, default=[0], metavar="W",
                     help="with --split-sweep: warps per program to sweep (0 = the kernel's default)")
+    ap.add_argument("--pdl-sweep", nargs="+", default=["off"], choices=["off", "merge", "full"],
+                    help="with --split-sweep or --timeline: programmatic dependent launch modes to sweep")
+    ap.add_argument("--merge-m-sweep", nargs="+", type=int, default=[0], metavar="M",
+                    help="with --split-sweep: the merge launch's row tiles to sweep (0 = the kernel's default)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="profile the default sparse step per --pdl-sweep mode (CUPTI): kernel durations and idle "
+                         "time per captured call (split_sweep rows with a `timeline`)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -237,13 +299,18 @@ def main(argv=None) -> int:
     for i, (name, context, B, batch) in enumerate(grid):
         got, got_sweep = measure(SHAPES[name], context, B, batch, args.ks, not args.no_reference, args.split_sweep,
                                  tiles, args.merge_sweep, [s or None for s in args.stage_sweep],
-                                 [w or None for w in args.warp_sweep])
+                                 [w or None for w in args.warp_sweep], args.pdl_sweep, args.timeline,
+                                 [m or None for m in args.merge_m_sweep])
         rows += got
         sweep += got_sweep
         for r in got_sweep:
+            if "timeline" in r:
+                print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={r['k']:>5} "
+                      f"pdl={r['pdl']}: graph {r['us_graph']} us, timeline {r['timeline']}", flush=True)
+                continue
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={r['k']:>5} "
                   f"tile={r['block_m']}x{r['block_n']} splits={r['num_splits']:>2} (default {r['default_splits']}) "
-                  f"merge={r['merge']} stages={r['num_stages']} warps={r['num_warps']}: graph {r['us_graph']} us",
+                  f"merge={r['merge']}/{r['merge_block_m']} stages={r['num_stages']} warps={r['num_warps']} pdl={r['pdl']}: graph {r['us_graph']} us",
                   flush=True)
         for r in got:
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={str(r['k']):>5} "

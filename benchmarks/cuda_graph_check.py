@@ -10,7 +10,7 @@ them eager), and the check then also requires that it replayed
 first steps (`graph_first_forwards`) with the same tokens.
 
 Usage: python benchmarks/cuda_graph_check.py [--algorithm LowConfidence] [--no-graph-first-step]
-       [--selector S] [--fused-pass one|two] [--topk-method torch|radix] [--overlap-selection] [--out PATH]
+       [--selector S] [--fused-pass one|two] [--topk-method torch|radix] [--overlap-selection] [--pdl MODE] [--out PATH]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 from e2e_correctness import prompts, read_stats, write_model_dir  # noqa: E402
 
 # MageConfig fields this check can set for both engines, each its own flag (--selector, --fused-pass, ...)
-OPTIONS = ("selector", "fused_pass", "topk_method", "overlap_selection")
+OPTIONS = ("selector", "fused_pass", "topk_method", "overlap_selection", "pdl")
 
 
 def run(model_dir, algorithm, ids, stats_path, graph: bool, graph_first_step: bool = False, mage=None):
@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--fused-pass", default=None, help="--mage-fused-pass for both engines")
     ap.add_argument("--topk-method", default=None, help="--mage-topk-method for both engines")
     ap.add_argument("--overlap-selection", action="store_true", help="--mage-overlap-selection for both engines")
+    ap.add_argument("--pdl", default=None, help="--mage-pdl for both engines (off, merge, full)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     mage = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) not in (None, False)}

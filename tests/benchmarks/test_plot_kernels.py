@@ -20,3 +20,17 @@ def test_plot_writes_png(tmp_path):
     path.write_text(json.dumps({"rows": rows}))
     out = main(str(path))
     assert out.endswith("kernels.png") and os.path.getsize(out) > 1000
+
+
+def test_sweep_plot_writes_png(tmp_path):
+    from plot_kernels import sweep
+
+    rows = [{"batch": 1, "k": 512, "num_splits": n, "block_m": 64, "block_n": 32, "merge_block_m": mm, "pdl": pdl,
+             "num_stages": None, "us_graph": 10.0 + n + (mm or 0) / 16}
+            for n in (4, 8) for mm in (None, 16) for pdl in ("off", "full")]
+    rows.append({"batch": 1, "k": 512, "pdl": "off", "timeline": {}, "us_graph": 12.0, "num_splits": 6,
+                 "block_m": None, "block_n": None})  # timeline rows are not bars
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"rows": [], "split_sweep": rows}))
+    out = sweep(str(path))
+    assert out.endswith("sweep_sweep.png") and os.path.getsize(out) > 1000
