@@ -35,7 +35,7 @@ from .ops.block_causal_prefill import later_in_block_merge
 from .ops.first_step import fused_first_step
 from .ops.selection import block_mean_scores, mean_query_scores, select_topk
 from .ops.selection.quest import block_mean_query, page_bounds, quest_position_scores
-from .ops.sparse_attention import alloc_batch_workspace, sparse_block_attention
+from .ops.sparse_attention import alloc_batch_workspace, pdl_available, sparse_block_attention
 from .selectors import VoteSelector
 from .side_stream import SideStream
 
@@ -126,11 +126,13 @@ class MageAttnBackend(MageCudaGraphMixin, FlashInferAttnBackend):
             install_slot_free_listener(req_to_token_pool, self.kv_dumper.on_free)
         self._dump_dir = os.environ.get("SGLANG_MAGE_DUMP_DIR")
         self._dumped = False
+        # The kernel falls back to plain launches where PDL is unavailable; say so once rather than per call.
+        pdl = cfg.pdl if cfg.pdl == "off" or pdl_available(device) else "off (needs a Hopper-or-later GPU)"
         logger.info(
-            "sglang-mage: k=%d sink=%d local=%d selector=%s min_context=%d sparse_commit=%s; index cache %.1f MiB "
-            "(%d rows x %d layers x %d kv heads x %d)", cfg.k, cfg.sink_tokens, cfg.local_window, cfg.selector,
-            cfg.min_context, cfg.sparse_commit, self.index_cache.nbytes / 2**20, rows, num_layers,
-            num_kv_heads, cfg.max_selected,
+            "sglang-mage: k=%d sink=%d local=%d selector=%s min_context=%d sparse_commit=%s pdl=%s; index cache "
+            "%.1f MiB (%d rows x %d layers x %d kv heads x %d)", cfg.k, cfg.sink_tokens, cfg.local_window,
+            cfg.selector, cfg.min_context, cfg.sparse_commit, pdl, self.index_cache.nbytes / 2**20, rows,
+            num_layers, num_kv_heads, cfg.max_selected,
         )
 
     # ---- per forward batch ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 Triton ops run in the interpreter. One block of a 2-request batch goes through its first step (exact +
 selection into the index cache) and a later step (sparse kernel over the cached slots)."""
 
+import logging
 import math
 from types import SimpleNamespace
 
@@ -260,3 +261,14 @@ def test_pool_slots_are_read_from_the_device_once_per_batch(world):
     step(backend, w, torch.randn(2 * B, HQ, D))
     step(backend, w, torch.randn(2 * B, HQ, D))
     assert backend.plan.phase == Phase.SPARSE and w.batch._mage_slots[1] == (1, 2)
+
+
+def test_setup_log_names_the_effective_pdl_mode(world, caplog):
+    # --mage-pdl full is the default, but a CPU (or pre-Hopper GPU) launches plainly: the log must say so.
+    with caplog.at_level(logging.INFO, logger="sglang_mage"):
+        world.make(MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0))
+    assert "pdl=off (needs a Hopper-or-later GPU)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sglang_mage"):
+        world.make(MageConfig(k=8, sink_tokens=2, local_window=2, min_context=0, pdl="off"))
+    assert "pdl=off;" in caplog.text

@@ -11,7 +11,7 @@ from sglang_mage.config import MageConfig, MageConfigError
 
 def test_defaults():
     cfg = MageConfig()
-    assert (cfg.k, cfg.selector, cfg.sparse_commit, cfg.force_sparse) == (512, "mean", True, False)
+    assert (cfg.k, cfg.selector, cfg.sparse_commit, cfg.force_sparse, cfg.pdl) == (512, "mean", True, False, "full")
     assert cfg.max_selected == 512 + cfg.sink_tokens + cfg.local_window
     assert MageConfig(selector="vote").max_selected == cfg.vote_max_k + cfg.sink_tokens + cfg.local_window
 
