@@ -13,6 +13,7 @@ call can be captured in a CUDA graph; per-request lengths are read on the device
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -83,10 +84,16 @@ PDL_MODES = ("off", "merge", "full")
 def pdl_available(device: torch.device | str) -> bool:
     """Programmatic dependent launch needs a Hopper-or-later CUDA GPU, a Triton with grid dependency control,
     and compiled code (the interpreter runs no inline PTX)."""
-    if gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+    if gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and _capability_major(device.index) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int | None) -> int:
+    # Cached: eager steps ask once per layer call, and the host time of an eager step is the step's floor.
+    return torch.cuda.get_device_capability(index)[0] if torch.cuda.is_available() else 0
 
 
 def alloc_workspace(
