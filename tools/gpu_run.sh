@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One device call, several GPU jobs: `bash tools/gpu_run.sh JOB...` on the GPU host (carry .whl, .whl-extra
+# One device call, several GPU jobs: `bash tools/gpu_run.sh JOB...` on the GPU host (carry .whl
 # and .cache). Jobs run in the order given; each writes its log and results under $OUT/r, and the end packs
 # them into $OUT/results.tgz (benchmarks/results/ files + logs + a trained checkpoint) and the compile caches
 # into $OUT/cache.tgz (carry it back as .cache/fi.tgz: the next machine skips FlashInfer's ~3-minute build).
+# Carry limit: the tree (~10 MB) + .whl (~52 MB) + .cache (~3 MB) fit in 64 MiB, + .whl-extra does not.
+# Only the HTTP-server jobs (examples, serve-ckpt, serve-robust) need .whl-extra: carry it instead of .cache.
 # Jobs:
 #   train-bg      start the tiny-checkpoint training in the background (TRAIN_ARGS, TRAIN_MINUTES)
 #   graphcheck    benchmarks/cuda_graph_check.py (GRAPH_ARGS): graph vs eager mage engines -> cuda_graph_check.json
