@@ -310,7 +310,8 @@ def main(argv=None) -> int:
                 continue
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={r['k']:>5} "
                   f"tile={r['block_m']}x{r['block_n']} splits={r['num_splits']:>2} (default {r['default_splits']}) "
-                  f"merge={r['merge']}/{r['merge_block_m']} stages={r['num_stages']} warps={r['num_warps']} pdl={r['pdl']}: graph {r['us_graph']} us",
+                  f"merge={r['merge']}/{r['merge_block_m']} stages={r['num_stages']} warps={r['num_warps']} "
+                  f"pdl={r['pdl']}: graph {r['us_graph']} us",
                   flush=True)
         for r in got:
             print(f"[{i + 1}/{len(grid)}] {name:>18} ctx={context:>6} B={B:>2} bs={batch:>2} k={str(r['k']):>5} "

@@ -374,8 +374,8 @@ def sparse_block_attention(
     also launches the split kernel itself before the previous kernel ends. It then reads qo_indptr,
     req_pool_indices and prefix_lens before waiting for that kernel, so with "full" they must not come
     from the kernel launched just before (the backend plans them before the forward); everything else is
-    read after the wait. Elsewhere it is "off", the default here. merge_block_m overrides the merge's row tile (a power
-    of two >= 16; default _MERGE_BLOCK_M). No host sync: graph-capturable.
+    read after the wait. Elsewhere it is "off", the default here. merge_block_m overrides the merge's row
+    tile (a power of two >= 16; default _MERGE_BLOCK_M). No host sync: graph-capturable.
     """
     num_tokens, hq, head_dim = q.shape
     _, hkv, head_dim_k = k_buffer.shape
