@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 from results_io import write_json  # noqa: E402
 from roofline import SHAPES  # noqa: E402
 
-from sglang_mage.config import MageConfig  # noqa: E402
+from sglang_mage.config import PDL_MODES, MageConfig  # noqa: E402
 
 SINK, LOCAL, QUEST_PAGE = 16, 64, 16
 # The sparse rows launch as the engine does: with --mage-pdl at its default (split_sweep rows name theirs).
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
                     help="with --split-sweep: pipeline depths (num_stages) to sweep (0 = the kernel's default)")
     ap.add_argument("--warp-sweep", nargs="+", type=int, default=[0], metavar="W",
                     help="with --split-sweep: warps per program to sweep (0 = the kernel's default)")
-    ap.add_argument("--pdl-sweep", nargs="+", default=["off"], choices=["off", "merge", "full"],
+    ap.add_argument("--pdl-sweep", nargs="+", default=["off"], choices=PDL_MODES,
                     help="with --split-sweep or --timeline: programmatic dependent launch modes to sweep")
     ap.add_argument("--merge-m-sweep", nargs="+", type=int, default=[0], metavar="M",
                     help="with --split-sweep: the merge launch's row tiles to sweep (0 = the kernel's default)")

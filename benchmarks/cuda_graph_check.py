@@ -25,6 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from e2e_correctness import prompts, read_stats, write_model_dir  # noqa: E402
+from sglang_mage.config import PDL_MODES  # noqa: E402
 
 # MageConfig fields this check can set for both engines, each its own flag (--selector, --fused-pass, ...)
 OPTIONS = ("selector", "fused_pass", "topk_method", "overlap_selection", "pdl")
@@ -58,7 +59,7 @@ def main() -> int:
     ap.add_argument("--fused-pass", default=None, help="--mage-fused-pass for both engines")
     ap.add_argument("--topk-method", default=None, help="--mage-topk-method for both engines")
     ap.add_argument("--overlap-selection", action="store_true", help="--mage-overlap-selection for both engines")
-    ap.add_argument("--pdl", default=None, help="--mage-pdl for both engines (off, merge, full)")
+    ap.add_argument("--pdl", default=None, choices=PDL_MODES, help="--mage-pdl for both engines")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     mage = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) not in (None, False)}

@@ -45,18 +45,20 @@ def sweep(path: str) -> str:
     import matplotlib.pyplot as plt
 
     rows = [r for r in json.load(open(path))["split_sweep"] if r.get("us_graph") and "timeline" not in r]
+
+    def setting(r):  # what a bar varies besides the split count
+        return (r.get("merge_block_m") or 0, r.get("pdl") or "off", r.get("num_stages") or 0,
+                f"{r['block_m']}x{r['block_n']}")
+
     panels = sorted({(r["batch"], r["k"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (bs, k) in zip(axes[0], panels):
         sel = [r for r in rows if (r["batch"], r["k"]) == (bs, k)]
-        settings = sorted({(r.get("merge_block_m") or 0, r.get("pdl") or "off", r.get("num_stages") or 0,
-                            f"{r['block_m']}x{r['block_n']}") for r in sel}, key=str)
+        settings = sorted({setting(r) for r in sel}, key=str)
         splits = sorted({r["num_splits"] for r in sel})
         width = 0.8 / max(1, len(settings))
         for i, (mm, pdl, st, tile) in enumerate(settings):
-            us = {r["num_splits"]: r["us_graph"] for r in sel
-                  if ((r.get("merge_block_m") or 0), r.get("pdl") or "off", r.get("num_stages") or 0,
-                      f"{r['block_m']}x{r['block_n']}") == (mm, pdl, st, tile)}
+            us = {r["num_splits"]: r["us_graph"] for r in sel if setting(r) == (mm, pdl, st, tile)}
             label = f"tile {tile}, merge {mm or 'default'}, pdl {pdl}" + (f", {st} stages" if st else "")
             ax.bar([j + i * width for j, n in enumerate(splits) if n in us], [us[n] for n in splits if n in us],
                    width, label=label)

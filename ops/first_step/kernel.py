@@ -207,7 +207,7 @@ def fused_first_step(
         merge_tiles = triton.cdiv(rows, merge_m)
         _merge_splits[(r, hkv * merge_tiles)](
             out, o_part, lse, qo_indptr, out.stride(0), out.stride(1), *part_strides, *lse_strides,
-            num_splits, merge_tiles, rows, HEAD_DIM_V=dv, G=group, BLOCK_M=merge_m, BLOCK_DV=block_dv,
+            merge_tiles, rows, HEAD_DIM_V=dv, G=group, BLOCK_M=merge_m, BLOCK_DV=block_dv,
             PDL_WAIT=False, NUM_SPLITS=num_splits,
         )
     return out, scores

@@ -154,7 +154,7 @@ def _sparse_block_attn_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, IEEE_DOT: tl.constexpr, LAST_MERGES: tl.constexpr,
-    PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+    PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr, MERGE_SPLITS: tl.constexpr,
 ):
     r = tl.program_id(0)
     h = tl.program_id(1) // num_m_tiles
@@ -258,7 +258,7 @@ def _sparse_block_attn_fwd(
                 o_rows = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
                 _merge_tile(out_ptr, lse_ptr + r.to(tl.int64) * stride_lr + h * stride_lh + offs_m,
                             part0 + offs_m[:, None] * stride_pm + offs_dv[None, :], o_rows, row_ok, dv_ok,
-                            stride_ls, stride_ps, num_splits, 0, BLOCK_M, BLOCK_DV)
+                            stride_ls, stride_ps, MERGE_SPLITS, BLOCK_M, BLOCK_DV)
                 tl.store(counter, 0)  # ready for the next call (and the next graph replay)
 
 
@@ -276,31 +276,23 @@ def _add_split(acc, den, m, lse_base, part_base, s, stride_ls, stride_ps, row_ok
 
 
 @triton.jit
-def _merge_tile(out_ptr, lse_base, part_base, o_rows, row_ok, dv_ok, stride_ls, stride_ps, num_splits,
+def _merge_tile(out_ptr, lse_base, part_base, o_rows, row_ok, dv_ok, stride_ls, stride_ps,
                 NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """out rows of one row tile = the splits' partial outputs weighted by their LSE (flash-decoding). Loads
     bypass L1 (.cg): in the last-program merge they read partials other programs wrote moments before.
-    With NUM_SPLITS > 0 (the split count as a constant) the loops unroll, so every split's loads are in
-    flight at once; a runtime loop waits out one load latency per split (4.8 of a 12.7 us batch-1 step on
-    the H200, results/raw/kernels_pdl_timeline_h200.json)."""
+    The split count is a constant, so the loops unroll and every split's loads are in flight at once; a
+    runtime loop waited out one load latency per split (4.8 of a 12.7 us batch-1 step on the H200,
+    results/raw/kernels_pdl_timeline_h200.json)."""
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if NUM_SPLITS > 0:
-        for s in tl.static_range(NUM_SPLITS):
-            m = tl.maximum(m, _split_lse(lse_base, s, stride_ls, row_ok))
-    else:
-        for s in range(num_splits):
-            m = tl.maximum(m, _split_lse(lse_base, s, stride_ls, row_ok))
+    for s in tl.static_range(NUM_SPLITS):
+        m = tl.maximum(m, _split_lse(lse_base, s, stride_ls, row_ok))
     # Rows with no keys anywhere (only padding rows, in practice) keep m = -inf; shift by 0 so that
     # exp2(-inf - 0) = 0 instead of NaN.
     m = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NUM_SPLITS > 0:
-        for s in tl.static_range(NUM_SPLITS):
-            acc, den = _add_split(acc, den, m, lse_base, part_base, s, stride_ls, stride_ps, row_ok, dv_ok)
-    else:
-        for s in range(num_splits):
-            acc, den = _add_split(acc, den, m, lse_base, part_base, s, stride_ls, stride_ps, row_ok, dv_ok)
+    for s in tl.static_range(NUM_SPLITS):
+        acc, den = _add_split(acc, den, m, lse_base, part_base, s, stride_ls, stride_ps, row_ok, dv_ok)
     o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
     tl.store(out_ptr + o_rows[:, None] + tl.arange(0, BLOCK_DV)[None, :], o.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dv_ok[None, :])
@@ -310,7 +302,7 @@ def _merge_tile(out_ptr, lse_base, part_base, o_rows, row_ok, dv_ok, stride_ls, 
 def _merge_splits(
     out_ptr, o_part_ptr, lse_ptr, qo_indptr_ptr,
     stride_ot, stride_oh, stride_pr, stride_ph, stride_ps, stride_pm, stride_lr, stride_lh, stride_ls,
-    num_splits, num_m_tiles, M_ROWS,
+    num_m_tiles, M_ROWS,
     HEAD_DIM_V: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
     PDL_WAIT: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
@@ -330,7 +322,7 @@ def _merge_splits(
     o_rows = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
     if PDL_WAIT:  # launched while the split kernel still runs: its partials are complete only past this
         gdc_wait()
-    _merge_tile(out_ptr, lse_base, part_base, o_rows, row_ok, offs_dv < HEAD_DIM_V, stride_ls, stride_ps, num_splits,
+    _merge_tile(out_ptr, lse_base, part_base, o_rows, row_ok, offs_dv < HEAD_DIM_V, stride_ls, stride_ps,
                 NUM_SPLITS, BLOCK_M, BLOCK_DV)
 
 
@@ -453,6 +445,7 @@ def sparse_block_attention(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, G=group,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         DIRECT=direct, IEEE_DOT=ieee, LAST_MERGES=last_merges, PDL_WAIT=pdl == "full", PDL_TRIGGER=pdl_merge,
+        MERGE_SPLITS=num_splits if last_merges else 0,  # a constant only where it is used: one compile otherwise
         num_warps=num_warps, num_stages=num_stages, **main_launch,
     )
     if not direct and not last_merges:
@@ -461,7 +454,7 @@ def sparse_block_attention(
         _merge_splits[(num_reqs, hkv * merge_tiles)](
             out, o_part, lse, qo_indptr,
             out.stride(0), out.stride(1), *part_strides, *lse_strides,
-            num_splits, merge_tiles, rows,
+            merge_tiles, rows,
             HEAD_DIM_V=head_dim_v, G=group, BLOCK_M=merge_m, BLOCK_DV=block_dv, PDL_WAIT=pdl_merge,
             NUM_SPLITS=num_splits, num_warps=4,
             **({"launch_pdl": True} if pdl_merge else {}),
