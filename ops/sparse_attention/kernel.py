@@ -54,16 +54,33 @@ def _tile_sizes(group: int, max_extend_len: int, head_dim: int, head_dim_v: int,
     return rows, block_m, block_n, block_d, block_dv
 
 
-def _default_num_stages(direct: bool) -> int:
-    """Pipeline depth from the H200 sweeps (results/raw/kernels_stage_sweep_h200.json and
-    kernels_pdl_timeline_h200.json; 7B shape, 128K). Triton puts the selection-index loads one stage ahead
-    of the K/V gathers they address, so K/V tiles in flight grow by one per two stages. One split, whose
-    program walks the whole selection, gains from depth (batch 16, k=2048: 95.8 us at 2 stages, 83.5 at 3,
-    68.8 at 5, 71.5 at 7; k=512: 25.8 at 3, 24.3 at 5); the split path's short walks lose (6 splits, batch
-    1, k=512: 12.9 us at 2, 14.2 at 5). Five stages were only timed, not yet checked against the reference
-    on a GPU (the interpreter ignores num_stages; test_gpu_bf16_error_bound covers them), so the one-split
-    default stays at 3 until that test has run; five also need ~135 KB of shared memory per program."""
-    return 3 if direct else 2
+def _default_num_stages(direct: bool, device: torch.device) -> int:
+    """Pipeline depth from the H200 sweeps (results/raw/kernels_stage_sweep_h200.json,
+    kernels_pdl_timeline_h200.json and kernels_defaults_h200.json; 7B shape, 128K). Triton puts the
+    selection-index loads one stage ahead of the K/V gathers they address, so K/V tiles in flight grow by
+    one per two stages. One split, whose program walks the whole selection, gains from depth (batch 16,
+    k=2048: 95.8 us at 2 stages, 83.4 at 3, 68.0 at 5, 71.5 at 7; k=512: 26.2 at 3, 24.2 at 5); the split
+    path's short walks lose (8 splits, batch 1, k=512: 9.9 us at 2, 10.9 at 5). Five stages hold ~135 KB of
+    shared memory per program at 128-row tiles, so they are the default only where a block may opt in to
+    _DEEP_PIPELINE_SMEM (Hopper and later datacenter parts, where they were measured); 3 elsewhere."""
+    if not direct:
+        return 2
+    return 5 if _max_shared_mem(device.index) >= _DEEP_PIPELINE_SMEM else 3
+
+
+_DEEP_PIPELINE_SMEM = 200 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_mem(index: int | None) -> int:
+    """Opt-in shared memory per block in bytes; 0 where there is no compiled CUDA launch (CPU, interpreter)."""
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    try:
+        index = torch.cuda.current_device() if index is None else index
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # an older Triton without the query: keep the depth that fits everywhere
+        return 0
 
 
 def default_num_splits(
@@ -421,7 +438,7 @@ def sparse_block_attention(
     assert (num_stages is None or num_stages >= 1) and (num_warps is None or num_warps in (1, 2, 4, 8, 16)), (
         "bad num_stages / num_warps")
     num_warps = num_warps or (8 if block_m * max(block_d, block_dv) >= 128 * 128 else 4)
-    num_stages = num_stages or _default_num_stages(direct)
+    num_stages = num_stages or _default_num_stages(direct, q.device)
     assert pdl in PDL_MODES, f"pdl must be one of {PDL_MODES}, got {pdl!r}"
     if pdl != "off" and not pdl_available(q.device):
         pdl = "off"

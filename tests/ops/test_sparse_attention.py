@@ -374,4 +374,19 @@ def test_default_batch1_launch_is_the_measured_one():
     assert default_num_splits(1, 4, 7, 32, 592, 128) == 8
     assert kernel._tile_sizes(7, 32, 128, 128, split=True)[1:3] == (64, 32)
     assert kernel._tile_sizes(7, 32, 128, 128)[1:3] == (128, 64)  # one split (batch 16): the big tile
-    assert kernel._MERGE_BLOCK_M == 16 and kernel._default_num_stages(False) == 2
+    assert kernel._MERGE_BLOCK_M == 16 and kernel._default_num_stages(False, torch.device("cuda", 0)) == 2
+
+
+def test_deep_pipeline_only_where_shared_memory_allows(monkeypatch):
+    # One split at 5 stages (68.0 us against 83.4 at 3; raw/kernels_defaults_h200.json) holds ~135 KB of
+    # shared memory per program: an A100 or a consumer part must get the depth that fits.
+    from sglang_mage.ops.sparse_attention import kernel
+
+    gpu = torch.device("cuda", 0)
+    for smem, direct_stages in ((227 * 1024, 5), (163 * 1024, 3), (99 * 1024, 3), (0, 3)):
+        monkeypatch.setattr(kernel, "_max_shared_mem", lambda index, smem=smem: smem)
+        assert kernel._default_num_stages(True, gpu) == direct_stages, smem
+        assert kernel._default_num_stages(False, gpu) == 2, smem
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        assert kernel._max_shared_mem(None) == 0
