@@ -176,8 +176,8 @@ def variables_named(rng: random.Random, context_len: int) -> Sample:
 
 
 GENERATORS = {"needle": needle, "recall": recall, "variables": variables, "variables_named": variables_named}
-# TASKS: the default mix, the shipped checkpoint's first (pretraining) stage. Its fine-tune swapped variables for
-# variables_named; eval_accuracy.py reads a checkpoint's own mix from its training_args.json. ALL_TASKS: every generator.
+# TASKS: the default mix, the previous checkpoint's pretraining stage. The shipped checkpoint trains on needle, recall
+# and variables_named; eval_accuracy.py reads a checkpoint's own mix from its training_args.json. ALL_TASKS: every generator.
 ALL_TASKS = tuple(GENERATORS)
 
 

@@ -32,7 +32,7 @@ from .tasks import ALL_TASKS, ANSWER_LEN, BOS, FILLER, MASK, QUERY, TASKS, make_
 
 def pick_task(rng: random.Random, tasks, weights=None) -> str:
     """A task for the next sample; uniform unless `weights` (aligned with `tasks`). The uniform draw stays
-    rng.choice, so runs without weights reproduce the shipped checkpoint's data stream."""
+    rng.choice, so runs without weights reproduce the earlier checkpoints' data streams."""
     return rng.choices(tasks, weights)[0] if weights else rng.choice(tasks)
 
 

@@ -89,7 +89,7 @@ def test_variables_named_answers_the_root_name_then_its_value(context_len):
 
 
 def test_the_shipped_mix_keeps_its_random_stream():
-    """TASKS (the default mix, the shipped checkpoint's first stage) draws what it drew before variables_named
+    """TASKS (the default mix, the previous checkpoint's pretraining stage) draws what it drew before variables_named
     existed: same prompts for the same seed, so held-out sets stay comparable (pinned by a digest)."""
     import hashlib
 
