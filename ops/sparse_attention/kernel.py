@@ -37,6 +37,7 @@ _MIN_KEYS_PER_SPLIT = 72
 _WAVE_PROGRAMS = 132  # SMs of an H100/H200
 _MAX_SPLITS = 12
 _MERGE_BLOCK_M = 16
+_DEEP_PIPELINE_SMEM = 200 * 1024  # opt-in shared memory per block that 5 one-split stages need, with margin
 
 
 def _tile_sizes(group: int, max_extend_len: int, head_dim: int, head_dim_v: int,
@@ -66,9 +67,6 @@ def _default_num_stages(direct: bool, device: torch.device) -> int:
     if not direct:
         return 2
     return 5 if _max_shared_mem(device.index) >= _DEEP_PIPELINE_SMEM else 3
-
-
-_DEEP_PIPELINE_SMEM = 200 * 1024
 
 
 @functools.lru_cache(maxsize=None)
